@@ -1,0 +1,158 @@
+"""Shared config defaults and the checks every config passes before training.
+
+Config files in `configs/` start from `base_config()` and change what differs; the
+field names follow the reference (`noising_step`, `upsampling_mode`, `concat_context`,
+`scale_factor`, `channel_mult`, ...). `validate(config)` rejects unknown fields and
+inconsistent settings with a message naming the field, before any work is done.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from fmboost_jax.coupling import UPSAMPLING_MODES
+from fmboost_jax.flow import PATHS
+
+SOLVERS = ("dopri5", "euler", "heun", "midpoint", "rk4")
+FIRST_STAGES = {"identity": (1, 3)}  # name -> (downsample factor, latent channels)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The released setup's defaults (REFERENCE.md); data and sizes are set per config."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.dtype = "float32"                # compute dtype of the UNet: float32 | bfloat16
+
+    # Sizes in pixels. The low-res image is the high-res one down-sampled.
+    c.low_res_size = 512
+    c.high_res_size = 1024
+    c.lowres_downsampling = "bilinear"
+    c.lowres_antialias = True
+
+    c.first_stage = ml_collections.ConfigDict(dict(name="identity", checkpoint="", channels=3))
+    c.scale_factor = 1.0
+
+    c.coupling = ml_collections.ConfigDict(dict(
+        upsampling_mode="psu",
+        upsampling_mode_context="",    # '' = same as upsampling_mode
+        start_from_noise=False,
+        noising_step=400,              # forward-diffusion step of the source; <= 0 disables
+        concat_context=True,
+        num_timesteps=1000,
+    ))
+    c.flow = ml_collections.ConfigDict(dict(schedule="linear", sigma_min=0.0))
+
+    c.unet = ml_collections.ConfigDict(dict(
+        in_channels=8, model_channels=128, out_channels=4, num_res_blocks=3,
+        attention_resolutions=(8, 16), dropout=0.0, channel_mult=(1, 2, 4, 8),
+        conv_resample=True, dim_head=64, num_heads=4, use_linear_attn=False,
+        use_scale_shift_norm=True, pool_factor=-1,
+    ))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=3e-5, warmup_steps=1000, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+        grad_clip_norm=0.0,            # 0 disables clipping
+    ))
+    c.ema = ml_collections.ConfigDict(dict(
+        rate=0.999, update_every=1, update_after_step=1000, power=0.75, use_for_sampling=True,
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        name="skimage_photos",
+        train_photos=(), eval_photos=(),
+        num_eval_images=64,
+        eval_crop_size=0,              # 0 = high_res_size
+    ))
+    c.batch_size = 16
+    c.total_steps = 100_000
+
+    c.sampling = ml_collections.ConfigDict(dict(
+        solver="rk4", num_steps=39,    # 39 rk4 steps = the reference's 40 time points
+        rtol=1e-3, atol=1e-6, max_steps=4096,
+    ))
+
+    c.log_every = 50
+    c.eval_every = 5000
+    c.checkpoint_every = 10_000
+    c.keep_checkpoints = 3
+    c.num_grid_images = 8
+    return c
+
+
+def _unknown_fields(cfg: Any, ref: Any, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if key not in ref:
+            out.append(name)
+        elif isinstance(value, ml_collections.ConfigDict) and isinstance(
+                ref[key], ml_collections.ConfigDict):
+            out += _unknown_fields(value, ref[key], name + ".")
+    return out
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first offending field of an invalid config."""
+    unknown = _unknown_fields(config, base_config())
+    if unknown:
+        raise ValueError(f"Unknown config field(s): {', '.join('config.' + u for u in unknown)}")
+
+    def fail(field: str, msg: str):
+        raise ValueError(f"config.{field}: {msg}")
+
+    if config.dtype not in ("float32", "bfloat16"):
+        fail("dtype", f"must be 'float32' or 'bfloat16', got {config.dtype!r}")
+    lo, hi = config.low_res_size, config.high_res_size
+    if lo <= 0 or hi <= 0:
+        fail("low_res_size", f"sizes must be positive (low {lo}, high {hi})")
+    if hi % lo:
+        fail("low_res_size", f"{lo} does not divide high_res_size {hi}")
+    name = config.first_stage.name
+    if name not in FIRST_STAGES and name != "sd_vae":
+        fail("first_stage.name", f"unknown first stage {name!r}")
+    factor, channels = FIRST_STAGES.get(name, (8, 4))
+    if name == "identity":
+        channels = config.first_stage.channels
+        if config.scale_factor != 1.0:
+            fail("scale_factor", "must be 1.0 for the identity first stage")
+    if hi % factor:
+        fail("high_res_size", f"{hi} is not divisible by the first stage's factor {factor}")
+    cp, u = config.coupling, config.unet
+    for field in ("upsampling_mode", "upsampling_mode_context"):
+        mode = cp[field]
+        if mode and mode not in UPSAMPLING_MODES:
+            fail(f"coupling.{field}", f"must be one of {UPSAMPLING_MODES}, got {mode!r}")
+    if cp.start_from_noise and cp.noising_step > 0:
+        fail("coupling.noising_step", "must be <= 0 when coupling.start_from_noise is set")
+    if cp.noising_step >= cp.num_timesteps:
+        fail("coupling.noising_step", f"must be < coupling.num_timesteps={cp.num_timesteps}")
+    if config.flow.schedule not in PATHS:
+        fail("flow.schedule", f"must be one of {PATHS}, got {config.flow.schedule!r}")
+    if config.flow.schedule == "gvp" and config.flow.sigma_min > 0:
+        fail("flow.sigma_min", "must be 0 with the gvp schedule")
+    uses_context = cp.concat_context or cp.start_from_noise
+    want_in = channels * (2 if uses_context else 1)
+    if u.in_channels != want_in:
+        fail("unet.in_channels", f"is {u.in_channels}, but the first stage gives {channels} "
+             f"channels{' plus as many of context' if uses_context else ''} = {want_in}")
+    if u.out_channels != channels:
+        fail("unet.out_channels", f"is {u.out_channels}, but the first stage has {channels} channels")
+    for m in u.channel_mult:
+        if (m * u.model_channels) % 32:
+            fail("unet.model_channels", f"{u.model_channels} x channel_mult {m} is not a multiple "
+                 "of 32 (GroupNorm uses 32 groups)")
+    down = 2 ** (len(u.channel_mult) - 1) * max(u.pool_factor, 1)
+    if (hi // factor) % down:
+        fail("unet.channel_mult", f"latent size {hi // factor} is not divisible by the UNet's "
+             f"total down-sampling {down}")
+    if config.sampling.solver not in SOLVERS:
+        fail("sampling.solver", f"must be one of {SOLVERS}, got {config.sampling.solver!r}")
+    if config.sampling.num_steps < 1:
+        fail("sampling.num_steps", "must be >= 1")
+    for field in ("batch_size", "total_steps", "log_every", "eval_every", "checkpoint_every"):
+        if config[field] <= 0:
+            fail(field, f"must be positive, got {config[field]}")
+    if not 0.0 <= config.ema.rate < 1.0:
+        fail("ema.rate", f"must lie in [0, 1), got {config.ema.rate}")

@@ -1,0 +1,307 @@
+"""The paper's EfficientUNet as a Flax linen module (NHWC).
+
+Layer for layer the network of the reference implementation
+(`fmboost/models/unet/model.py`): a sinusoidal embedding of the raw flow time
+`t in [0, 1]`, ResBlocks with scale-shift norm, optional (linear) self-attention,
+strided-conv down-sampling, nearest up-sampling, zero-initialised output convs.
+
+Module names mirror the reference's PyTorch attribute paths with `.` replaced by
+`_` (`input_blocks.1.0.in_layers.2` -> `input_blocks_1_0/in_layers_2`), so that
+`fmboost_jax.convert` maps a PyTorch state dict onto the params one to one.
+
+Shapes: `x` (B, H, W, C_x), `t` (B,) or scalar, `context` (B, H, W, C_c); the
+output is (B, H, W, out_channels). Parameters are float32; `dtype` sets the
+compute dtype (float32 or bfloat16).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+# PyTorch's default init for Conv/Linear weights: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+zeros = nn.initializers.zeros
+
+GROUPS = 32
+NORM_EPS = 1e-5  # PyTorch's GroupNorm default (Flax's is 1e-6).
+
+
+def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
+    """Sinusoidal embedding of `t` (B,) -> (B, dim), `[cos, sin]` order as the reference."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def _group_norm(name: str, dtype: Dtype) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=GROUPS, epsilon=NORM_EPS, dtype=dtype, name=name)
+
+
+def _conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1,
+          zero_init: bool = False) -> nn.Conv:
+    pad = kernel // 2
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=((pad, pad), (pad, pad)), dtype=dtype, name=name,
+                   kernel_init=zeros if zero_init else torch_default_init)
+
+
+def _dense(features: int, name: str, dtype: Dtype, zero_init: bool = False) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, name=name,
+                    kernel_init=zeros if zero_init else torch_default_init)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-Conv, time embedding (scale-shift or additive), GroupNorm-SiLU-Dropout-Conv(0)."""
+    out_channels: int
+    dropout: float = 0.0
+    use_scale_shift_norm: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, emb: Array, train: bool = False) -> Array:
+        h = nn.silu(_group_norm("in_layers_0", self.dtype)(x))
+        h = _conv(self.out_channels, 3, "in_layers_2", self.dtype)(h)
+        emb_dim = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
+        emb_out = _dense(emb_dim, "emb_layers_1", self.dtype)(nn.silu(emb))[:, None, None, :]
+        emb_out = emb_out.astype(h.dtype)
+        norm = _group_norm("out_layers_0", self.dtype)
+        if self.use_scale_shift_norm:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            h = norm(h) * (1 + scale) + shift
+        else:
+            h = norm(h + emb_out)
+        h = nn.silu(h)
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = _conv(self.out_channels, 3, "out_layers_3", self.dtype, zero_init=True)(h)
+        if x.shape[-1] != self.out_channels:
+            x = _conv(self.out_channels, 1, "skip_connection", self.dtype)(x)
+        return x + h
+
+
+def softmax_attention(q: Array, k: Array, v: Array) -> Array:
+    """Scaled dot-product attention over (B, heads, L, d); softmax in float32."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) * scale
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+
+
+def linear_attention(q: Array, k: Array, v: Array) -> Array:
+    """Linear attention (Shen et al.): softmax of q over features, of k over positions."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    q = jax.nn.softmax(q.astype(jnp.float32), axis=-1) * scale
+    k = jax.nn.softmax(k.astype(jnp.float32), axis=-2)
+    context = jnp.einsum("bhnd,bhne->bhde", k, v.astype(jnp.float32))
+    return jnp.einsum("bhnd,bhde->bhne", q, context).astype(v.dtype)
+
+
+class SpatialSelfAttention(nn.Module):
+    """Multi-head self-attention over all positions with a residual connection.
+
+    Keeps the reference's index layout: the (B, 3*inner, L) projection is reshaped
+    *without transposing* to (B, heads, L, 3*dim_head) before the q/k/v split, and the
+    (B, heads, L, dim_head) result is reshaped back to (B, inner, L) the same way.
+    """
+    heads: int = 4
+    dim_head: int = 64
+    use_linear: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, h, w, c = x.shape
+        n = h * w
+        inner = self.heads * self.dim_head
+        x_flat = x.reshape(b, n, c)
+        qkv = _dense(3 * inner, "qkv", self.dtype)(_group_norm("norm", self.dtype)(x_flat))
+        qkv = jnp.swapaxes(qkv, 1, 2).reshape(b, self.heads, n, 3 * self.dim_head)
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        attn = linear_attention if self.use_linear else softmax_attention
+        out = attn(q, k, v).reshape(b, inner, n)
+        out = _dense(c, "proj_out", self.dtype, zero_init=True)(jnp.swapaxes(out, 1, 2))
+        return (x_flat + out).reshape(b, h, w, c)
+
+
+class Downsample(nn.Module):
+    """Conv3x3 stride 2 (padding 1), or 2x2 average pooling when `use_conv=False`."""
+    use_conv: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if self.use_conv:
+            return _conv(x.shape[-1], 3, "op", self.dtype, stride=2)(x)
+        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then an optional Conv3x3."""
+    use_conv: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        if self.use_conv:
+            x = _conv(x.shape[-1], 3, "conv", self.dtype)(x)
+        return x
+
+
+class UnPool2d(nn.Module):
+    """Transposed conv with kernel = stride = `factor` (B, h, w, C) -> (B, h*f, w*f, out).
+
+    Non-overlapping, so it is a per-pixel linear map followed by depth-to-space.
+    `kernel` is (f, f, in, out), PyTorch's ConvTranspose2d weight (in, out, f, f) permuted.
+    """
+    features: int
+    factor: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        f, c_in = self.factor, x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
+                                                                        in_axis=-1, out_axis=(0, 1, 2)),
+                            (f, f, c_in, self.features))
+        bias = self.param("bias", zeros, (self.features,))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        y = jnp.einsum("bijc,xyco->bixjyo", x, kernel)
+        b, h, _, w, _, o = y.shape
+        return y.reshape(b, h * f, w * f, o) + bias.astype(self.dtype)
+
+
+class EfficientUNet(nn.Module):
+    """UNet of the paper. Hyperparameter names are the reference's.
+
+    Attributes:
+      in_channels: channels after concatenating `x` and `context` (8 for SD latents
+        with concatenated context); checked against the input.
+      model_channels: base width C; the time embedding has 4C features.
+      out_channels: channels of the predicted velocity.
+      num_res_blocks: ResBlocks per level on the way down (one more on the way up).
+      attention_resolutions: down-sampling factors `ds` at which self-attention runs.
+      channel_mult: width multiplier per level; a level ends with a Downsample
+        except the last.
+      pool_factor: > 1 adds a strided patchify conv before and a transposed conv after.
+    """
+    in_channels: int
+    model_channels: int
+    out_channels: int
+    num_res_blocks: int
+    attention_resolutions: Sequence[int] = ()
+    dropout: float = 0.0
+    channel_mult: Sequence[int] = (1, 2, 4, 8)
+    conv_resample: bool = True
+    dim_head: int = 64
+    num_heads: int = 4
+    use_linear_attn: bool = False
+    use_scale_shift_norm: bool = True
+    pool_factor: int = -1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, t: Array, context: Array | None = None,
+                 train: bool = False) -> Array:
+        """(B, H, W, C_x), (B,) or (), optional (B, H, W, C_c) -> (B, H, W, out_channels)."""
+        C, dt = self.model_channels, self.dtype
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        emb = timestep_embedding(t, C)
+        emb = _dense(4 * C, "time_embed_2", dt)(nn.silu(_dense(4 * C, "time_embed_0", dt)(emb)))
+
+        if context is not None:
+            x = jnp.concatenate([x, context.astype(x.dtype)], axis=-1)
+        if x.shape[-1] != self.in_channels:
+            raise ValueError(f"EfficientUNet: in_channels={self.in_channels} but x and context "
+                             f"together have {x.shape[-1]} channels (shape {x.shape}).")
+        h = x.astype(dt)
+        if self.pool_factor > 1:
+            f = self.pool_factor
+            h = nn.Conv(C, (f, f), strides=(f, f), padding="VALID", dtype=dt, name="pool",
+                        kernel_init=torch_default_init)(h)
+
+        res = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm, dtype=dt)
+        attn = dict(heads=self.num_heads, dim_head=self.dim_head, dtype=dt)
+
+        # Down path: every block's output is kept as a skip.
+        hs = [_conv(C, 3, "input_blocks_0_0", dt)(h)]
+        h, ds, block = hs[0], 1, 1
+        for level, mult in enumerate(self.channel_mult):
+            for _ in range(self.num_res_blocks):
+                h = ResBlock(mult * C, name=f"input_blocks_{block}_0", **res)(h, emb, train)
+                if ds in self.attention_resolutions:
+                    h = SpatialSelfAttention(use_linear=self.use_linear_attn,
+                                             name=f"input_blocks_{block}_1", **attn)(h)
+                hs.append(h)
+                block += 1
+            if level != len(self.channel_mult) - 1:
+                h = Downsample(self.conv_resample, dt, name=f"input_blocks_{block}_0")(h)
+                hs.append(h)
+                block += 1
+                ds *= 2
+
+        # Middle: ResBlock, softmax self-attention, ResBlock.
+        ch = h.shape[-1]
+        h = ResBlock(ch, name="middle_block_0", **res)(h, emb, train)
+        h = SpatialSelfAttention(use_linear=False, name="middle_block_1", **attn)(h)
+        h = ResBlock(ch, name="middle_block_2", **res)(h, emb, train)
+
+        # Up path: num_res_blocks + 1 blocks per level, each consuming one skip.
+        block = 0
+        for level, mult in reversed(list(enumerate(self.channel_mult))):
+            for i in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, hs.pop()], axis=-1)
+                h = ResBlock(mult * C, name=f"output_blocks_{block}_0", **res)(h, emb, train)
+                sub = 1
+                if ds in self.attention_resolutions:
+                    h = SpatialSelfAttention(use_linear=self.use_linear_attn,
+                                             name=f"output_blocks_{block}_{sub}", **attn)(h)
+                    sub += 1
+                if level and i == self.num_res_blocks:
+                    h = Upsample(self.conv_resample, dt, name=f"output_blocks_{block}_{sub}")(h)
+                    ds //= 2
+                block += 1
+
+        h = nn.silu(_group_norm("out_0", dt)(h))
+        if self.pool_factor > 1:
+            h = _conv(C, 3, "out_2", dt)(h)
+            h = UnPool2d(self.out_channels, self.pool_factor, dt, name="un_pool")(h)
+        else:
+            h = _conv(self.out_channels, 3, "out_2", dt, zero_init=True)(h)
+        return h.astype(jnp.float32)
+
+
+def unet_from_config(cfg: Any, dtype: Dtype = jnp.float32) -> EfficientUNet:
+    """Builds the UNet from a ConfigDict / mapping with the reference's field names."""
+    get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
+    return EfficientUNet(
+        in_channels=get("in_channels"),
+        model_channels=get("model_channels"),
+        out_channels=get("out_channels"),
+        num_res_blocks=get("num_res_blocks"),
+        attention_resolutions=tuple(get("attention_resolutions", ())),
+        dropout=get("dropout", 0.0),
+        channel_mult=tuple(get("channel_mult", (1, 2, 4, 8))),
+        conv_resample=get("conv_resample", True),
+        dim_head=get("dim_head", 64),
+        num_heads=get("num_heads", 4),
+        use_linear_attn=get("use_linear_attn", False),
+        use_scale_shift_norm=get("use_scale_shift_norm", True),
+        pool_factor=get("pool_factor", -1),
+        dtype=dtype,
+    )
+
+
+def count_params(params: Any) -> int:
+    return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
