@@ -41,7 +41,7 @@ def sampling_params(state: Any, use_ema: bool = True) -> PyTree:
 
 def sample(cfm: CFM, params: PyTree, fs_params: PyTree, lowres_images: Array,
            rng: jax.Array, *, solver: str = "dopri5", num_steps: int = 40,
-           rtol: float = 1e-3, atol: float = 1e-6, dt0: float | None = None,
+           rtol: float = 1e-3, atol: float = 1e-6, dt0: float = 0.01,
            max_steps: int = 4096, save_intermediates: int = 0,
            per_sample: bool = False) -> SampleOutput:
     """Up-samples low-res images (B, h, w, 3) in [-1, 1] to (B, H, W, 3)."""
