@@ -1,0 +1,79 @@
+"""Tests of fmboost_jax/config.py: bad configs fail early, naming the field."""
+
+import os
+
+import pytest
+
+from fmboost_jax import config as config_lib
+from fmboost_jax.trainer import train_and_evaluate
+
+
+def _assert_invalid(cfg, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        config_lib.validate(cfg)
+
+
+def test_the_shipped_configs_are_valid(tiny_config):
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("demo", os.path.join(root, "configs", "demo.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    config_lib.validate(demo.get_config())
+    config_lib.validate(demo.get_config("smoke"))
+    config_lib.validate(tiny_config)
+
+
+def test_an_unknown_field_is_named(tiny_config):
+    tiny_config.coupling.nosing_step = 400
+    _assert_invalid(tiny_config, "config.coupling.nosing_step")
+
+
+def test_low_res_size_must_divide_high_res_size(tiny_config):
+    tiny_config.low_res_size = 5
+    _assert_invalid(tiny_config, "config.low_res_size")
+
+
+def test_unet_channels_must_match_the_first_stage(tiny_config):
+    tiny_config.unet.in_channels = 8
+    _assert_invalid(tiny_config, "config.unet.in_channels")
+    tiny_config.unet.in_channels = 6
+    tiny_config.unet.out_channels = 4
+    _assert_invalid(tiny_config, "config.unet.out_channels")
+
+
+def test_context_off_halves_the_expected_input_channels(tiny_config):
+    tiny_config.coupling.concat_context = False
+    _assert_invalid(tiny_config, "config.unet.in_channels")
+    tiny_config.unet.in_channels = 3
+    config_lib.validate(tiny_config)
+
+
+@pytest.mark.parametrize("field,value,named", [
+    ("coupling.upsampling_mode", "bicubic", "config.coupling.upsampling_mode"),
+    ("sampling.solver", "rk45", "config.sampling.solver"),
+    ("flow.schedule", "cosine", "config.flow.schedule"),
+    ("dtype", "float16", "config.dtype"),
+    ("unet.model_channels", 48, "config.unet.model_channels"),
+    ("batch_size", 0, "config.batch_size"),
+])
+def test_invalid_values_are_named(tiny_config, field, value, named):
+    obj = tiny_config
+    *parents, leaf = field.split(".")
+    for p in parents:
+        obj = obj[p]
+    obj[leaf] = value
+    _assert_invalid(tiny_config, named)
+
+
+def test_noising_with_start_from_noise_is_rejected(tiny_config):
+    tiny_config.coupling.start_from_noise = True
+    tiny_config.coupling.noising_step = 400
+    _assert_invalid(tiny_config, "config.coupling.noising_step")
+
+
+def test_the_trainer_rejects_a_bad_config_before_writing_anything(tiny_config, tmp_path):
+    tiny_config.high_res_size = 18
+    with pytest.raises(ValueError, match="config.low_res_size"):
+        train_and_evaluate(tiny_config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

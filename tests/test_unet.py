@@ -1,0 +1,108 @@
+"""Tests of fmboost_jax/models/unet.py: sizes, initialisation, dropout, dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmboost_jax.models.unet import EfficientUNet, count_params, timestep_embedding
+
+
+def _small(**kw):
+    args = dict(in_channels=8, model_channels=32, out_channels=4, num_res_blocks=1,
+                attention_resolutions=(2,), channel_mult=(1, 2), dim_head=16, num_heads=2)
+    args.update(kw)
+    return EfficientUNet(**args)
+
+
+def _inputs(b=2, s=8):
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    return (jax.random.normal(k1, (b, s, s, 4)), jax.random.uniform(k2, (b,)),
+            jax.random.normal(k3, (b, s, s, 4)))
+
+
+def test_released_config_has_305_806_340_parameters():
+    unet = EfficientUNet(in_channels=8, model_channels=128, out_channels=4, num_res_blocks=3,
+                         attention_resolutions=(8, 16), channel_mult=(1, 2, 4, 8),
+                         dim_head=64, num_heads=4)
+    x = jnp.zeros((1, 64, 64, 4))
+    shapes = jax.eval_shape(lambda: unet.init(jax.random.PRNGKey(0), x, jnp.zeros((1,)), x))
+    assert count_params(shapes["params"]) == 305_806_340
+
+
+def test_reference_cpu_benchmark_config_has_15_646_916_parameters():
+    unet = EfficientUNet(in_channels=8, model_channels=64, out_channels=4, num_res_blocks=2,
+                         attention_resolutions=(4,), channel_mult=(1, 2, 4), dim_head=32,
+                         num_heads=4)
+    x = jnp.zeros((1, 32, 32, 4))
+    shapes = jax.eval_shape(lambda: unet.init(jax.random.PRNGKey(0), x, jnp.zeros((1,)), x))
+    assert count_params(shapes["params"]) == 15_646_916
+
+
+def test_time_embedding_puts_cosine_first_and_uses_raw_t():
+    t = jnp.array([0.0, 0.5, 1.0])
+    emb = timestep_embedding(t, 8)
+    freqs = np.exp(-np.log(10000.0) * np.arange(4) / 4)
+    np.testing.assert_allclose(emb[:, :4], np.cos(np.outer(t, freqs)), atol=1e-6)
+    np.testing.assert_allclose(emb[:, 4:], np.sin(np.outer(t, freqs)), atol=1e-6)
+
+
+def test_fresh_unet_outputs_zero_because_output_conv_is_zero_initialised():
+    x, t, ctx = _inputs()
+    unet = _small()
+    params = unet.init(jax.random.PRNGKey(1), x, t, ctx)
+    out = unet.apply(params, x, t, ctx)
+    assert out.shape == (2, 8, 8, 4)
+    assert float(jnp.abs(out).max()) == 0.0
+    assert float(jnp.abs(params["params"]["out_2"]["kernel"]).max()) == 0.0
+
+
+def test_groupnorm_matches_pytorch_formula_with_epsilon_1e_5():
+    # With a variance comparable to eps, a Flax-default eps (1e-6) would differ by ~40%.
+    from fmboost_jax.models.unet import _group_norm
+    x = 3e-3 * jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 64))
+    norm = _group_norm("n", jnp.float32)
+    y = norm.apply(norm.init(jax.random.PRNGKey(0), x), x)
+    g = np.asarray(x).reshape(2, 16, 32, 2)
+    mean, var = g.mean(axis=(1, 3), keepdims=True), g.var(axis=(1, 3), keepdims=True)
+    want = ((g - mean) / np.sqrt(var + 1e-5)).reshape(x.shape)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+
+
+def _randomised(params, seed=3):
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        tree, [0.1 * jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves)])
+
+
+def test_dropout_is_active_in_training_and_off_in_evaluation():
+    x, t, ctx = _inputs()
+    unet = _small(dropout=0.5)
+    params = _randomised(unet.init(jax.random.PRNGKey(1), x, t, ctx))
+    a = unet.apply(params, x, t, ctx, train=True, rngs={"dropout": jax.random.PRNGKey(0)})
+    b = unet.apply(params, x, t, ctx, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+    e1 = unet.apply(params, x, t, ctx, train=False)
+    e2 = unet.apply(params, x, t, ctx, train=False)
+    assert float(jnp.abs(a - b).max()) > 1e-3
+    np.testing.assert_array_equal(e1, e2)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_output():
+    x, t, ctx = _inputs()
+    f32, bf16 = _small(), _small(dtype=jnp.bfloat16)
+    params = _randomised(f32.init(jax.random.PRNGKey(1), x, t, ctx))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(
+        bf16.init(jax.random.PRNGKey(1), x, t, ctx)))
+    ref = f32.apply(params, x, t, ctx)
+    low = bf16.apply(params, x, t, ctx)
+    assert low.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(low - ref) / jnp.linalg.norm(ref))
+    assert 0 < rel < 0.05
+
+
+def test_wrong_channel_count_names_in_channels():
+    x, t, ctx = _inputs()
+    unet = _small(in_channels=6)
+    with pytest.raises(ValueError, match="in_channels=6"):
+        unet.init(jax.random.PRNGKey(0), x, t, ctx)
