@@ -9,9 +9,9 @@ grids to `runs/demo/samples/`). `--config=configs/demo.py:smoke` shrinks it to a
 steps (used by the tests).
 
 Differences from the paper's latent-space setup, because this is pixel space on a CPU:
-a small UNet, 8x8 -> 32x32 crops, a higher learning rate, no forward noising of the
-source (noising step 400 is tuned for SD latents; here x0 is the bilinear image itself),
-and a few Euler steps for sampling.
+a small UNet (1.2M parameters), 8x8 -> 32x32 crops, a higher learning rate (1e-3) with a
+faster EMA, no forward noising of the source (noising step 400 is tuned for SD latents;
+here x0 is the bilinear image itself), and 4 Euler steps for sampling.
 """
 
 from fmboost_jax.config import base_config
@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
     c.unet.update(in_channels=6, model_channels=32, out_channels=3, num_res_blocks=1,
                   channel_mult=(1, 2, 2), attention_resolutions=(), dim_head=32, num_heads=4)
 
-    c.optim.update(lr=2e-4, warmup_steps=100)
+    c.optim.update(lr=1e-3, warmup_steps=100)
     c.ema.update(rate=0.995, update_after_step=100)
 
     c.data.train_photos = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
@@ -38,12 +38,14 @@ def get_config(arg: str | None = None):
     c.data.eval_photos = ("stereo_motorcycle",)
     c.data.num_eval_images = 64
     c.batch_size = 16
-    c.total_steps = 600
-    c.sampling.update(solver="euler", num_steps=20)
+    c.total_steps = 800
+    # Without noising, the context pins x0, so the learned flow is nearly straight and a few
+    # Euler steps suffice; more steps mostly integrate the young network's errors.
+    c.sampling.update(solver="euler", num_steps=4)
 
     c.log_every = 25
-    c.eval_every = 300
-    c.checkpoint_every = 300
+    c.eval_every = 400
+    c.checkpoint_every = 200
     c.keep_checkpoints = 2
 
     if arg == "smoke":  # a few steps through every code path, for tests
