@@ -52,7 +52,7 @@ def make_train_step(cfm: CFM, tx: optax.GradientTransformation, config: ml_colle
         ema_params = update_ema(state.ema_params, params, state.step, ema_cfg)
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
                                   opt_state=opt_state)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state.step)}
         return new_state, metrics
 

@@ -77,3 +77,24 @@ def test_the_trainer_rejects_a_bad_config_before_writing_anything(tiny_config, t
     with pytest.raises(ValueError, match="config.low_res_size"):
         train_and_evaluate(tiny_config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_the_command_line_reports_a_bad_override_by_field(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmboost_jax.train", "--config=configs/demo.py",
+         "--config.low_res_size=5", f"--workdir={tmp_path / 'run'}"],
+        cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "config.low_res_size: 5 does not divide high_res_size 32" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_local_launcher_explains_its_usage():
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(["bash", os.path.join(root, "launch", "run_local.sh")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
