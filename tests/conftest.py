@@ -5,7 +5,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Identical programs compiled by different tests (each training run builds fresh closures)
+# are read back from a persistent cache instead of being compiled again.
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(os.path.dirname(os.path.abspath(__file__)), ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 from fmboost_jax.config import base_config  # noqa: E402
 

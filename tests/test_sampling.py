@@ -15,7 +15,7 @@ from fmboost_jax.train_state import TrainState
 def cfm_and_params():
     from conftest import tiny_pixel_config
     cfm = CFM.from_config(tiny_pixel_config())
-    return cfm, cfm.init_params(jax.random.PRNGKey(0))
+    return cfm, jax.jit(cfm.init_params)(jax.random.PRNGKey(0))
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_a_few_training_steps_lower_the_loss(tiny_config):
     cfm = CFM.from_config(tiny_config)
     tx = make_optimizer(tiny_config.optim)
-    state = create_train_state(cfm.init_params(jax.random.PRNGKey(0)), tx, jax.random.PRNGKey(1))
+    state = create_train_state(jax.jit(cfm.init_params)(jax.random.PRNGKey(0)), tx,
+                               jax.random.PRNGKey(1))
     step = jax.jit(make_train_step(cfm, tx, tiny_config))
     data = photos.PhotoCrops(("astronaut",), 16, 8, seed=0)
     batch = {"image": jnp.asarray(data.batch(0)["image"])}
@@ -44,6 +45,7 @@ def _final_params(workdir):
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tiny_config, tmp_path):
+    tiny_config.unet.update(channel_mult=(1,), attention_resolutions=())  # compiles faster
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     train_and_evaluate(tiny_config, full)                       # 6 steps in one go
     short = tiny_config.copy_and_resolve_references()

@@ -50,8 +50,8 @@ def test_time_embedding_puts_cosine_first_and_uses_raw_t():
 def test_fresh_unet_outputs_zero_because_output_conv_is_zero_initialised():
     x, t, ctx = _inputs()
     unet = _small()
-    params = unet.init(jax.random.PRNGKey(1), x, t, ctx)
-    out = unet.apply(params, x, t, ctx)
+    params = jax.jit(unet.init)(jax.random.PRNGKey(1), x, t, ctx)
+    out = jax.jit(unet.apply)(params, x, t, ctx)
     assert out.shape == (2, 8, 8, 4)
     assert float(jnp.abs(out).max()) == 0.0
     assert float(jnp.abs(params["params"]["out_2"]["kernel"]).max()) == 0.0
@@ -79,11 +79,11 @@ def _randomised(params, seed=3):
 def test_dropout_is_active_in_training_and_off_in_evaluation():
     x, t, ctx = _inputs()
     unet = _small(dropout=0.5)
-    params = _randomised(unet.init(jax.random.PRNGKey(1), x, t, ctx))
-    a = unet.apply(params, x, t, ctx, train=True, rngs={"dropout": jax.random.PRNGKey(0)})
-    b = unet.apply(params, x, t, ctx, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
-    e1 = unet.apply(params, x, t, ctx, train=False)
-    e2 = unet.apply(params, x, t, ctx, train=False)
+    params = _randomised(jax.jit(unet.init)(jax.random.PRNGKey(1), x, t, ctx))
+    train = jax.jit(lambda key: unet.apply(params, x, t, ctx, train=True, rngs={"dropout": key}))
+    evaluate = jax.jit(lambda: unet.apply(params, x, t, ctx, train=False))
+    a, b = train(jax.random.PRNGKey(0)), train(jax.random.PRNGKey(1))
+    e1, e2 = evaluate(), evaluate()
     assert float(jnp.abs(a - b).max()) > 1e-3
     np.testing.assert_array_equal(e1, e2)
 
@@ -91,11 +91,11 @@ def test_dropout_is_active_in_training_and_off_in_evaluation():
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_output():
     x, t, ctx = _inputs()
     f32, bf16 = _small(), _small(dtype=jnp.bfloat16)
-    params = _randomised(f32.init(jax.random.PRNGKey(1), x, t, ctx))
+    params = _randomised(jax.jit(f32.init)(jax.random.PRNGKey(1), x, t, ctx))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(
-        bf16.init(jax.random.PRNGKey(1), x, t, ctx)))
-    ref = f32.apply(params, x, t, ctx)
-    low = bf16.apply(params, x, t, ctx)
+        jax.eval_shape(bf16.init, jax.random.PRNGKey(1), x, t, ctx)))
+    ref = jax.jit(f32.apply)(params, x, t, ctx)
+    low = jax.jit(bf16.apply)(params, x, t, ctx)
     assert low.dtype == jnp.float32
     rel = float(jnp.linalg.norm(low - ref) / jnp.linalg.norm(ref))
     assert 0 < rel < 0.05
