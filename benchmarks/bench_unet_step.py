@@ -1,0 +1,272 @@
+"""Benchmark the EfficientUNet training step (forward + backward + Adam) and forward pass.
+
+    python benchmarks/bench_unet_step.py --config ref15m --torch-baseline
+    python benchmarks/bench_unet_step.py --config released --batch 4 --dtype bfloat16
+
+Times compiled steps after warm-up and prints median/mean ms, images/s, peak memory,
+TFLOP/s and the fraction of the device's peak on an accelerator, the machine, and the ratio
+to a reference time (`--reference-ms`, default: the PyTorch reference's 768 ms per training
+step of `ref15m` on the project's 2-core CPU machine kind; see shared/REFERENCE.md).
+`--torch-baseline` also times the PyTorch oracle (`tests/torch_unet_oracle.py`) in the same
+run, on the same inputs, and reports the ratio against that.
+
+The timed step comes from `make_unet_step`; to benchmark the real trainer's step instead,
+swap in a function with the same signature `step(state, batch) -> (state, loss)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from fmboost_jax import ode  # noqa: E402
+from fmboost_jax.models.unet import EfficientUNet, count_params  # noqa: E402
+
+# name -> (UNet kwargs, default batch, default latent size). Latents have 4 channels and the
+# context (the up-sampled low-res latent) 4 more, so in_channels = 8.
+CONFIGS: dict[str, tuple[dict[str, Any], int, int]] = {
+    "ref15m": (dict(in_channels=8, model_channels=64, out_channels=4, num_res_blocks=2,
+                    channel_mult=(1, 2, 4), attention_resolutions=(4,), dim_head=32, num_heads=4), 8, 32),
+    "released": (dict(in_channels=8, model_channels=128, out_channels=4, num_res_blocks=3,
+                      channel_mult=(1, 2, 4, 8), attention_resolutions=(8, 16), dim_head=64,
+                      num_heads=4), 8, 64),
+}
+
+# Dense peak TFLOP/s (bf16, fp32) by device_kind substring; fp32 is the non-tensor-core figure
+# on GPUs (TF32 tensor cores are higher). Used only to print the fraction of peak.
+PEAK_TFLOPS: dict[str, tuple[float, float]] = {
+    "H100": (989.0, 67.0),
+    "H200": (989.0, 67.0),
+    "A100": (312.0, 19.5),
+    "TPU v4": (275.0, 275.0 / 2),
+    "TPU v5 lite": (197.0, 197.0 / 2),
+    "TPU v5e": (197.0, 197.0 / 2),
+    "TPU v5p": (459.0, 459.0 / 2),
+    "TPU v5": (459.0, 459.0 / 2),
+    "TPU v6 lite": (918.0, 918.0 / 2),
+    "TPU v6e": (918.0, 918.0 / 2),
+}
+
+
+def make_unet_step(model: EfficientUNet, tx: optax.GradientTransformation) -> Callable:
+    """`step((params, opt_state), batch) -> ((params, opt_state), loss)`: the flow-matching
+    regression `mean((v(x_t, t, context) - u)^2)` and one optimiser update."""
+
+    def loss_fn(params, batch):
+        v = model.apply(params, batch["x_t"], batch["t"], batch["context"])
+        return jnp.mean(jnp.square(v - batch["u"]))
+
+    def step(state, batch):
+        params, opt_state = state
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    return step
+
+
+def make_batch(rng: jax.Array, batch: int, size: int, dtype: Any) -> dict[str, jax.Array]:
+    k = jax.random.split(rng, 4)
+    shape = (batch, size, size, 4)
+    return dict(x_t=jax.random.normal(k[0], shape, dtype), context=jax.random.normal(k[1], shape, dtype),
+                t=jax.random.uniform(k[2], (batch,)), u=jax.random.normal(k[3], shape, dtype))
+
+
+def time_calls(fn: Callable[[], Any], steps: int, warmup: int = 2) -> list[float]:
+    """Wall-clock ms of `steps` calls of `fn` (which must block until done), after `warmup`."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def flops_of(compiled: Any) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost["flops"])
+    except Exception:  # cost analysis is best effort
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def peak_memory_mb(device: Any) -> float:
+    if device.platform == "cpu":  # process max RSS (kB on Linux)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    stats = device.memory_stats() or {}
+    return stats.get("peak_bytes_in_use", 0) / 2**20
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+    for key, (bf16, fp32) in PEAK_TFLOPS.items():
+        if key.lower() in device_kind.lower():
+            return bf16 if dtype == "bfloat16" else fp32
+    return None
+
+
+def summary(name: str, times: list[float], batch: int, flops: float | None, peak: float | None,
+            accelerator: bool) -> str:
+    med, mean = statistics.median(times), statistics.mean(times)
+    line = (f"{name:10s} median {med:9.1f} ms  mean {mean:9.1f} ms  min {min(times):9.1f} ms  "
+            f"{batch / med * 1e3:8.1f} img/s")
+    if flops:
+        tflops = flops / (med * 1e-3) / 1e12
+        line += f"  {flops / 1e9:8.1f} GFLOP  {tflops:7.3f} TFLOP/s"
+        if accelerator and peak:
+            line += f" ({100 * tflops / peak:.1f}% of {peak:g} peak)"
+    return line
+
+
+def ratio_text(ours: float, ref: float, what: str) -> str:
+    r = ours / ref
+    speed = f"{r:.2f}x slower" if r >= 1 else f"{1 / r:.2f}x faster"
+    return f"ratio vs {what}: {ours:.1f} / {ref:.1f} ms = {r:.3f} ({speed})"
+
+
+def torch_times(cfg: dict[str, Any], batch: dict[str, np.ndarray], steps: int, threads: int
+                ) -> tuple[list[float], list[float]] | None:
+    """Training-step and forward times of the PyTorch oracle on the same inputs (NCHW), or None."""
+    try:
+        import torch
+        sys.path.insert(0, str(ROOT / "tests"))
+        from torch_unet_oracle import EfficientUNet as TorchUNet
+    except ImportError as e:
+        print(f"torch baseline skipped: {e}")
+        return None
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = TorchUNet(**cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    nchw = lambda a: torch.from_numpy(np.array(np.moveaxis(np.asarray(a, np.float32), -1, 1)))
+    x, c, u = nchw(batch["x_t"]), nchw(batch["context"]), nchw(batch["u"])
+    t = torch.from_numpy(np.array(batch["t"], np.float32))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.mean((model(x, t, c) - u) ** 2)
+        loss.backward()
+        opt.step()
+
+    train = time_calls(step, steps)
+    with torch.no_grad():
+        fwd = time_calls(lambda: model(x, t, c), steps)
+    return train, fwd
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="ref15m")
+    ap.add_argument("--batch", type=int, default=None, help="default: 8")
+    ap.add_argument("--size", type=int, default=None, help="latent size (default: 32 ref15m, 64 released)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="compute dtype (parameters stay float32)")
+    ap.add_argument("--linear-attn", action="store_true", help="linear attention at attention_resolutions")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--no-forward", action="store_true", help="skip timing the forward pass")
+    ap.add_argument("--sample-solver", choices=ode.SOLVERS, default="euler",
+                    help="solver of the timed sample call (the ODE from t=0 to 1)")
+    ap.add_argument("--sample-steps", type=int, default=10, help="steps of a fixed-step sample call")
+    ap.add_argument("--torch-baseline", action="store_true", help="also time the PyTorch oracle (float32)")
+    ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    ap.add_argument("--reference-ms", type=float, default=768.0,
+                    help="reference training-step time to compare against (default: PyTorch, ref15m, 2 CPU cores)")
+    args = ap.parse_args()
+
+    cfg, default_batch, default_size = CONFIGS[args.config]
+    cfg = dict(cfg, use_linear_attn=args.linear_attn)
+    batch_size, size = args.batch or default_batch, args.size or default_size
+    dtype = jnp.dtype(args.dtype)
+    device = jax.devices()[0]
+    accelerator = device.platform != "cpu"
+
+    print(f"machine: platform={device.platform} device_kind={device.device_kind} devices={jax.device_count()} "
+          f"cpu='{cpu_model()}' cores={os.cpu_count()} jax={jax.__version__} "
+          f"XLA_FLAGS='{os.environ.get('XLA_FLAGS', '')}'")
+
+    model = EfficientUNet(**cfg, dtype=dtype)
+    rng_init, rng_data = jax.random.split(jax.random.PRNGKey(0))
+    batch = make_batch(rng_data, batch_size, size, jnp.float32)
+    params = jax.jit(model.init)(rng_init, batch["x_t"], batch["t"], batch["context"])
+    tx = optax.adam(args.lr)
+    state = (params, tx.init(params))
+    print(f"config: {args.config} {cfg} params={count_params(params):,} batch={batch_size} "
+          f"size={size}x{size} dtype={args.dtype}")
+
+    t0 = time.perf_counter()
+    train_step = jax.jit(make_unet_step(model, tx), donate_argnums=0).lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    train_flops = flops_of(train_step)
+
+    def run_train():
+        nonlocal state
+        state, loss = train_step(state, batch)
+        loss.block_until_ready()
+
+    train = time_calls(run_train, args.steps, args.warmup)
+    peak = peak_tflops(device.device_kind, args.dtype)
+    print(f"compile (train step): {compile_s:.1f} s")
+    print(summary("train", train, batch_size, train_flops, peak, accelerator))
+
+    if not args.no_forward:
+        forward = jax.jit(model.apply).lower(state[0], batch["x_t"], batch["t"], batch["context"]).compile()
+        fwd = time_calls(lambda: forward(state[0], batch["x_t"], batch["t"], batch["context"]).block_until_ready(),
+                         args.steps, args.warmup)
+        print(summary("forward", fwd, batch_size, flops_of(forward), peak, accelerator))
+    def sample(params, x0, context):
+        velocity = lambda t, x, args: model.apply(params, x, t, context)
+        return ode.integrate(velocity, x0, solver=args.sample_solver, num_steps=args.sample_steps)
+    sampler = jax.jit(sample).lower(state[0], batch["x_t"], batch["context"]).compile()
+    res = sampler(state[0], batch["x_t"], batch["context"])
+    nfe = int(res.stats["nfe"])
+    samp = time_calls(lambda: sampler(state[0], batch["x_t"], batch["context"]).x1.block_until_ready(),
+                      max(2, args.steps // 3), 1)
+    print(summary(f"sample ({args.sample_solver}, {nfe} NFE)", samp, batch_size, flops_of(sampler),
+                  peak, accelerator))
+    print(f"peak memory: {peak_memory_mb(device):.0f} MiB ({'max RSS' if not accelerator else 'peak_bytes_in_use'})")
+
+    train_med = statistics.median(train)
+    note = "" if (args.config, batch_size, size, args.dtype) == ("ref15m", 8, 32, "float32") else \
+        " [the default reference is for ref15m, batch 8, 32x32, float32]"
+    print(ratio_text(train_med, args.reference_ms, f"reference {args.reference_ms:g} ms (train step)") + note)
+    if args.torch_baseline:
+        res = torch_times(cfg, jax.device_get(batch), args.steps, args.torch_threads)
+        if res is not None:
+            t_train, t_fwd = res
+            print(summary("torch train", t_train, batch_size, None, None, False))
+            print(summary("torch fwd", t_fwd, batch_size, None, None, False))
+            print(ratio_text(train_med, statistics.median(t_train), "PyTorch in this run (train step)"))
+            if not args.no_forward:
+                print(ratio_text(statistics.median(fwd), statistics.median(t_fwd), "PyTorch in this run (forward)"))
+
+
+if __name__ == "__main__":
+    main()
