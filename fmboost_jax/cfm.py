@@ -96,8 +96,6 @@ class CFM:
         lowres = self.lowres_images(images)
         lowres_z = (batch["latent_lowres"] * fs.scale_factor if "latent_lowres" in batch
                     else None)
-        if lowres_z is None and self.coupling.upsampling_mode != "psu":
-            lowres_z = fs.encode(fs_params, lowres)
         x0, context = self.source_and_context(fs_params, lowres, rng, lowres_z=lowres_z,
                                               z_size=x1.shape[1], image_size=images.shape[1])
         x0, x1 = jax.lax.stop_gradient((x0, x1))
