@@ -123,6 +123,18 @@ def restore_or_init(mngr: ocp.CheckpointManager, state: TrainState) -> TrainStat
     return mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
 
 
+def restore_params(workdir: str, use_ema: bool = True, step: int | None = None) -> PyTree:
+    """UNet params (EMA copy by default) of the latest (or given) checkpoint in `workdir`."""
+    path = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    mngr = ocp.CheckpointManager(path)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"No checkpoint in {path}")
+    state = mngr.restore(step, args=ocp.args.StandardRestore())
+    mngr.close()
+    return state["ema_params" if use_ema else "params"]
+
+
 # ------------------------------------------------------------------------ main loop
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from `workdir` if it holds checkpoints) and returns the final metrics."""

@@ -59,6 +59,9 @@ def test_resumed_run_matches_an_uninterrupted_one(tiny_config, tmp_path):
     assert s_full == s_part == 6
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
+    from fmboost_jax.trainer import restore_params
+    for x, y in zip(jax.tree.leaves(restore_params(part)), jax.tree.leaves(b["ema_params"])):
+        np.testing.assert_array_equal(x, y)
     lines = [json.loads(l) for l in open(os.path.join(part, "metrics.jsonl"))]
     train_steps = [l["step"] for l in lines if "loss" in l]
     assert train_steps == [2, 3, 4, 6]      # the short run logs its last step; none twice
