@@ -249,8 +249,10 @@ def main() -> None:
     nfe = int(res.stats["nfe"])
     samp = time_calls(lambda: sampler(state[0], batch["x_t"], batch["context"]).x1.block_until_ready(),
                       max(2, args.steps // 3), 1)
-    print(summary(f"sample ({args.sample_solver}, {nfe} NFE)", samp, batch_size, flops_of(sampler),
-                  peak, accelerator))
+    # XLA's cost analysis counts a loop body once; the sample costs NFE forward passes.
+    fwd_flops = None if args.no_forward else flops_of(forward)
+    print(summary(f"sample ({args.sample_solver}, {nfe} NFE)", samp, batch_size,
+                  fwd_flops and nfe * fwd_flops, peak, accelerator))
     print(f"peak memory: {peak_memory_mb(device):.0f} MiB ({'max RSS' if not accelerator else 'peak_bytes_in_use'})")
 
     train_med = statistics.median(train)
