@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from fmboost_jax import ode  # noqa: E402
 from fmboost_jax.models.unet import EfficientUNet, count_params  # noqa: E402
+from fmboost_jax.throughput import flops_of, peak_tflops  # noqa: E402
 
 # name -> (UNet kwargs, default batch, default latent size). Latents have 4 channels and the
 # context (the up-sampled low-res latent) 4 more, so in_channels = 8.
@@ -45,22 +46,6 @@ CONFIGS: dict[str, tuple[dict[str, Any], int, int]] = {
                       channel_mult=(1, 2, 4, 8), attention_resolutions=(8, 16), dim_head=64,
                       num_heads=4), 8, 64),
 }
-
-# Dense peak TFLOP/s (bf16, fp32) by device_kind substring; fp32 is the non-tensor-core figure
-# on GPUs (TF32 tensor cores are higher). Used only to print the fraction of peak.
-PEAK_TFLOPS: dict[str, tuple[float, float]] = {
-    "H100": (989.0, 67.0),
-    "H200": (989.0, 67.0),
-    "A100": (312.0, 19.5),
-    "TPU v4": (275.0, 275.0 / 2),
-    "TPU v5 lite": (197.0, 197.0 / 2),
-    "TPU v5e": (197.0, 197.0 / 2),
-    "TPU v5p": (459.0, 459.0 / 2),
-    "TPU v5": (459.0, 459.0 / 2),
-    "TPU v6 lite": (918.0, 918.0 / 2),
-    "TPU v6e": (918.0, 918.0 / 2),
-}
-
 
 def make_unet_step(model: EfficientUNet, tx: optax.GradientTransformation) -> Callable:
     """`step((params, opt_state), batch) -> ((params, opt_state), loss)`: the flow-matching
@@ -98,15 +83,6 @@ def time_calls(fn: Callable[[], Any], steps: int, warmup: int = 2) -> list[float
     return times
 
 
-def flops_of(compiled: Any) -> float | None:
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost["flops"])
-    except Exception:  # cost analysis is best effort
-        return None
-
-
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -122,13 +98,6 @@ def peak_memory_mb(device: Any) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     stats = device.memory_stats() or {}
     return stats.get("peak_bytes_in_use", 0) / 2**20
-
-
-def peak_tflops(device_kind: str, dtype: str) -> float | None:
-    for key, (bf16, fp32) in PEAK_TFLOPS.items():
-        if key.lower() in device_kind.lower():
-            return bf16 if dtype == "bfloat16" else fp32
-    return None
 
 
 def summary(name: str, times: list[float], batch: int, flops: float | None, peak: float | None,

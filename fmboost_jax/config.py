@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import ml_collections
+
+from fmboost_jax import sharding
 
 from fmboost_jax.coupling import UPSAMPLING_MODES
 from fmboost_jax.flow import PATHS
@@ -73,10 +76,17 @@ def base_config() -> ml_collections.ConfigDict:
         rtol=1e-3, atol=1e-6, max_steps=4096,
     ))
 
+    # Devices: the batch is split over all of them; arrays of at least `fsdp_min_size`
+    # elements (params, EMA, Adam moments) are sharded over the 'fsdp' axis, others replicated.
+    c.mesh = (("data", -1), ("fsdp", 1))
+    c.fsdp_min_size = 2**18
+
     c.log_every = 50
     c.eval_every = 5000
     c.checkpoint_every = 10_000
-    c.keep_checkpoints = 3
+    c.keep_checkpoints = 3             # the latest N checkpoints ...
+    c.keep_every = 0                   # ... plus every step divisible by this (0: none)
+    c.eval_batch_size = 0              # 0 = batch_size
     c.num_grid_images = 8
     return c
 
@@ -154,5 +164,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ("batch_size", "total_steps", "log_every", "eval_every", "checkpoint_every"):
         if config[field] <= 0:
             fail(field, f"must be positive, got {config[field]}")
+    try:
+        sharding.mesh_shape(config.mesh, jax.device_count())
+    except ValueError as e:
+        fail("mesh", str(e).removeprefix("config.mesh: "))
+    for field in ("keep_checkpoints", "fsdp_min_size"):
+        if config[field] < 1:
+            fail(field, f"must be >= 1, got {config[field]}")
+    for field in ("keep_every", "eval_batch_size"):
+        if config[field] < 0:
+            fail(field, f"must be >= 0, got {config[field]}")
     if not 0.0 <= config.ema.rate < 1.0:
         fail("ema.rate", f"must lie in [0, 1), got {config.ema.rate}")

@@ -143,6 +143,8 @@ def _solve(velocity_fn: VelocityFn, x0: PyTree, args: Any, *, solver: str, num_s
         "num_steps": steps,
         "num_accepted_steps": jnp.asarray(sol.stats["num_accepted_steps"], jnp.int32),
         "num_rejected_steps": jnp.asarray(sol.stats["num_rejected_steps"], jnp.int32),
+        # 1 if the solve reached t = 1 (only informative with throw=False)
+        "success": jnp.asarray(sol.result == diffrax.RESULTS.successful, jnp.int32),
     }
     return ODEResult(x1, stats, intermediates)
 

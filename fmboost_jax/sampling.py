@@ -25,7 +25,7 @@ PyTree = Any
 
 class SampleOutput(NamedTuple):
     """images (B, H, W, 3) in [-1, 1]; latents (B, h, w, C); stats of the solver
-    (`nfe`, `num_steps`, `num_accepted_steps`, `num_rejected_steps`); intermediates:
+    (`nfe`, `num_steps`, `num_accepted_steps`, `num_rejected_steps`, `success`); intermediates:
     (K + 1, B, h, w, C) latents along the path when `save_intermediates=K > 0`, else None."""
     images: Array
     latents: Array
@@ -43,7 +43,7 @@ def sample(cfm: CFM, params: PyTree, fs_params: PyTree, lowres_images: Array,
            rng: jax.Array, *, solver: str = "dopri5", num_steps: int = 40,
            rtol: float = 1e-3, atol: float = 1e-6, dt0: float = 0.01,
            max_steps: int = 4096, save_intermediates: int = 0,
-           per_sample: bool = False) -> SampleOutput:
+           per_sample: bool = False, throw: bool = True) -> SampleOutput:
     """Up-samples low-res images (B, h, w, 3) in [-1, 1] to (B, H, W, 3)."""
     b, h, w, _ = lowres_images.shape
     if h != w or h != cfm.low_res_size:
@@ -58,7 +58,8 @@ def sample(cfm: CFM, params: PyTree, fs_params: PyTree, lowres_images: Array,
     def solve(x0: Array, context: Array | None) -> ode.ODEResult:
         return ode.integrate(velocity, x0, solver=solver, num_steps=num_steps, rtol=rtol,
                              atol=atol, dt0=dt0, max_steps=max_steps,
-                             save_intermediates=save_intermediates, args=(params, context))
+                             save_intermediates=save_intermediates, throw=throw,
+                             args=(params, context))
 
     if per_sample:
         # Each sample gets its own adaptive steps: solve batches of one under vmap.
@@ -77,12 +78,17 @@ def make_sample_fn(cfm: CFM, **solver_options: Any):
     """A jitted `sample(params, fs_params, lowres_images, rng) -> SampleOutput`.
 
     `solver_options` (solver, num_steps, rtol, atol, dt0, max_steps, save_intermediates,
-    per_sample) are fixed at construction; a new option set compiles a new function.
+    per_sample, throw) are fixed at construction; a new option set compiles a new function.
     """
     return jax.jit(functools.partial(sample, cfm, **solver_options))
 
 
+def solver_options(sampling: Any) -> dict[str, Any]:
+    """The solver options of a config's `sampling` block, as keyword arguments of `sample`."""
+    return dict(solver=sampling.solver, num_steps=sampling.num_steps, rtol=sampling.rtol,
+                atol=sampling.atol, max_steps=sampling.max_steps)
+
+
 def sample_fn_from_config(cfm: CFM, sampling: Any):
     """`make_sample_fn` with the options of a config's `sampling` block."""
-    return make_sample_fn(cfm, solver=sampling.solver, num_steps=sampling.num_steps,
-                          rtol=sampling.rtol, atol=sampling.atol, max_steps=sampling.max_steps)
+    return make_sample_fn(cfm, **solver_options(sampling))

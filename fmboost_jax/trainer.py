@@ -1,14 +1,17 @@
 """`train_and_evaluate(config, workdir)`: the training loop as a library.
 
-Reads top to bottom in sections: config and workdir, model, optimizer and state,
-checkpoint (auto-resume), data, update step, evaluation, loop. Everything a run
-needs to continue lives in `workdir`: checkpoints, `metrics.jsonl`, TensorBoard
-events, sample grids and, at the end, `eval.json`.
+Reads top to bottom in sections: config and workdir, mesh, model, optimizer and state,
+checkpoint (auto-resume), data, update step, evaluation, loop. Everything a run needs to
+continue lives in `workdir`: checkpoints, `metrics.jsonl`, TensorBoard events, sample grids
+and, at the end, `eval.json`. The same code runs on one CPU and on a multi-host pod: arrays
+are global (`jax.Array`s sharded over `config.mesh`), each process feeds its part of the
+batch, and only process 0 writes logs and images.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -19,28 +22,36 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from PIL import Image
 from tqdm.auto import tqdm
 
+from fmboost_jax import checkpointing
 from fmboost_jax import config as config_lib
 from fmboost_jax import metrics as metrics_lib
 from fmboost_jax import sampling
+from fmboost_jax import sharding as sharding_lib
 from fmboost_jax.cfm import CFM
 from fmboost_jax.coupling import resize
 from fmboost_jax.data import photos
 from fmboost_jax.metric_writer import MetricWriter
 from fmboost_jax.models.unet import count_params
+from fmboost_jax.preemption import PreemptionWatcher
+from fmboost_jax.throughput import flops_of, peak_tflops
 from fmboost_jax.train_state import (TrainState, create_train_state, learning_rate_schedule,
                                      make_optimizer, update_ema)
 
 PyTree = Any
+restore_params = checkpointing.restore_params  # for notebooks: `trainer.restore_params(workdir)`
 
 
 # ------------------------------------------------------------------------ update step
 def make_train_step(cfm: CFM, tx: optax.GradientTransformation, config: ml_collections.ConfigDict):
-    """`train_step(state, fs_params, batch) -> (state, metrics)`, pure and jittable."""
+    """`train_step(state, fs_params, batch) -> (state, metrics)`, pure and jittable.
+
+    The loss and the optimizer run in float32 whatever `config.dtype` (the UNet's compute dtype)
+    is; the first stage's params are an argument and never differentiated.
+    """
     schedule = learning_rate_schedule(config.optim)
     ema_cfg = config.ema
 
@@ -59,6 +70,57 @@ def make_train_step(cfm: CFM, tx: optax.GradientTransformation, config: ml_colle
     return train_step
 
 
+def check_finite(step: int, metrics: dict[str, Any], latest_checkpoint: int | None) -> None:
+    """Raises FloatingPointError naming `step` if its loss or gradient norm is NaN or Inf."""
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if np.isfinite(loss) and np.isfinite(grad_norm):
+        return
+    kept = (f"the latest checkpoint (step {latest_checkpoint}) was written before it and is "
+            "intact" if latest_checkpoint is not None else "no checkpoint was written")
+    raise FloatingPointError(f"Non-finite training step {step}: loss {loss}, gradient norm "
+                             f"{grad_norm}. Stopping; {kept}.")
+
+
+# ------------------------------------------------------------------------ data
+class _PhotoIterator:
+    """The demo's photo crops as an iterator over this process's part of each global batch;
+    its state is the step, since batches are a pure function of (seed, step)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, process_index: int, process_count: int):
+        d = config.data
+        self.crops = photos.PhotoCrops(tuple(d.train_photos), config.high_res_size,
+                                       config.batch_size, config.seed)
+        n = config.batch_size // process_count
+        self.part = slice(process_index * n, (process_index + 1) * n)
+        self.step = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self.crops.batch(self.step)
+        self.step += 1
+        return {k: v[self.part] for k, v in batch.items()}
+
+    def get_state(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+def create_train_iterator(config, process_index: int, process_count: int, start_step: int):
+    it = _PhotoIterator(config, process_index, process_count)
+    it.set_state({"step": start_step})
+    return it
+
+
+def eval_images(config) -> np.ndarray:
+    d = config.data
+    return photos.eval_crops(tuple(d.eval_photos), d.eval_crop_size or config.high_res_size,
+                             d.num_eval_images)
+
+
 # ------------------------------------------------------------------------ evaluation
 def image_grid(rows: list[list[np.ndarray]], min_tile: int = 128) -> np.ndarray:
     """Tiles images in [-1, 1] (each (H, W, 3)) into one uint8 grid, enlarged (nearest) to
@@ -71,113 +133,145 @@ def image_grid(rows: list[list[np.ndarray]], min_tile: int = 128) -> np.ndarray:
 
 
 class Evaluator:
-    """Samples the held-out set and scores CFM, bilinear and bicubic with PSNR and SSIM."""
+    """Samples the held-out set and scores CFM, bilinear and bicubic with PSNR and SSIM.
 
-    def __init__(self, cfm: CFM, config: ml_collections.ConfigDict, images: np.ndarray):
+    The held-out images are split over the mesh's devices in chunks of `eval_batch_size`; the
+    per-image scores and the grid images come back replicated to every process.
+    """
+
+    def __init__(self, cfm: CFM, config: ml_collections.ConfigDict, images: np.ndarray,
+                 mesh: jax.sharding.Mesh):
         size = images.shape[1]
         lowres = size * cfm.low_res_size // cfm.high_res_size
         # The UNet is fully convolutional: evaluate at the crop size of the held-out set.
         self.cfm = dataclasses.replace(cfm, low_res_size=lowres, high_res_size=size)
-        self.config = config
-        self.images = jnp.asarray(images)
-        self.sample_fn = sampling.sample_fn_from_config(self.cfm, config.sampling)
+        self.num_grid = min(config.num_grid_images, images.shape[0])
+        self.mesh = mesh
+        chunk = config.eval_batch_size or config.batch_size
+        self.chunks = [sharding_lib.put_batch(images[i:i + chunk], mesh)
+                       for i in range(0, images.shape[0], chunk)]
+        self.num_images = images.shape[0]
+        self.size = size
+        # throw=False: a solver failure is reported by `success` instead of a host callback,
+        # which would gather the sharded batch onto one device.
+        options = sampling.solver_options(config.sampling)
+        sample = functools.partial(sampling.sample, self.cfm, **options, throw=False)
+        self.solver = f"{options['solver']} (max_steps {options['max_steps']})"
 
-        @jax.jit
-        def baselines(hr):
-            lr = self.cfm.lowres_images(hr)
-            up = {m: jnp.clip(resize(lr, (size, size), m), -1, 1) for m in ("bilinear", "bicubic")}
-            return lr, up
+        def run_chunk(params, fs_params, images, rng):
+            lr = self.cfm.lowres_images(images)
+            out = sample(params, fs_params, lr, rng)
+            preds = {"cfm": jnp.clip(out.images, -1, 1)}
+            for m in ("bilinear", "bicubic"):
+                preds[m] = jnp.clip(resize(lr, (size, size), m), -1, 1)
+            scores = {f"{name}/{metric}": fn(x, images)
+                      for name, x in preds.items()
+                      for metric, fn in (("psnr", metrics_lib.psnr), ("ssim", metrics_lib.ssim))}
+            n = self.num_grid
+            grid = jnp.stack([preds["bilinear"][:n], preds["cfm"][:n], images[:n]], axis=1)
+            return scores, grid, out.stats["nfe"], out.stats["success"]
 
-        self.lowres, self.upsampled = baselines(self.images)
+        self._run_chunk = jax.jit(run_chunk, out_shardings=sharding_lib.replicated(mesh))
 
     def run(self, params: PyTree, fs_params: PyTree, rng: jax.Array) -> tuple[dict, np.ndarray]:
         """Metrics {"cfm/psnr", ..., "nfe"} and a grid (bilinear | CFM | ground truth)."""
-        out = self.sample_fn(params, fs_params, self.lowres, rng)
-        pred = jnp.clip(out.images, -1, 1)
-        results = {}
-        for name, x in (("cfm", pred), *self.upsampled.items()):
-            results[f"{name}/psnr"] = float(metrics_lib.psnr(x, self.images).mean())
-            results[f"{name}/ssim"] = float(metrics_lib.ssim(x, self.images).mean())
-        results["nfe"] = int(out.stats["nfe"])
-        n = min(self.config.num_grid_images, self.images.shape[0])
-        rows = [[np.asarray(self.upsampled["bilinear"][i]), np.asarray(pred[i]),
-                 np.asarray(self.images[i])] for i in range(n)]
+        sums: dict[str, float] = {}
+        grid = None
+        nfe = 0
+        for i, images in enumerate(self.chunks):
+            scores, g, n, ok = jax.device_get(
+                self._run_chunk(params, fs_params, images, jax.random.fold_in(rng, i)))
+            if not ok:
+                raise RuntimeError(f"Evaluation: the ODE solver {self.solver} did not reach t = 1 "
+                                   "(raise config.sampling.max_steps or loosen rtol/atol)")
+            for k, v in scores.items():
+                sums[k] = sums.get(k, 0.0) + float(np.sum(v))
+            grid = g if grid is None else grid
+            nfe = max(nfe, int(n))
+        results = {k: v / self.num_images for k, v in sums.items()}
+        results["nfe"] = nfe
+        rows = [list(r) for r in np.asarray(grid)[:self.num_grid]]
         return results, image_grid(rows)
-
-
-# ------------------------------------------------------------------------ checkpoints
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
-                                           enable_async_checkpointing=True, create=True)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                                 options=options)
-
-
-def restore_or_init(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState:
-    """The latest checkpoint restored onto `state`'s structure, or `state` itself."""
-    latest = mngr.latest_step()
-    if latest is None:
-        return state
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    logging.info("Resuming from checkpoint at step %d", latest)
-    return mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
-
-
-def restore_params(workdir: str, use_ema: bool = True, step: int | None = None) -> PyTree:
-    """UNet params (EMA copy by default) of the latest (or given) checkpoint in `workdir`."""
-    path = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    mngr = ocp.CheckpointManager(path)
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"No checkpoint in {path}")
-    state = mngr.restore(step, args=ocp.args.StandardRestore())
-    mngr.close()
-    return state["ema_params" if use_ema else "params"]
 
 
 # ------------------------------------------------------------------------ main loop
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains (resuming from `workdir` if it holds checkpoints) and returns the final metrics."""
+    """Trains (resuming from `workdir` if it holds checkpoints) and returns the final metrics.
+
+    On a preemption notice (SIGTERM) it saves at the next step boundary and returns early with
+    `{"preempted": True, "step": ...}`.
+    """
     # ---- Config and workdir: fail before any work is wasted.
     config_lib.validate(config)
+    pid, nproc = jax.process_index(), jax.process_count()
+    if config.batch_size % nproc:
+        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+                         f"{nproc} processes")
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
+    if pid == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     writer = MetricWriter(workdir)
+
+    # ---- Mesh: devices of all processes; the batch is split over all of them.
+    mesh = sharding_lib.make_mesh(config.mesh)
+    if config.batch_size % mesh.size:
+        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+                         f"{mesh.size} devices of config.mesh={config.mesh}")
+    logging.info("Process %d of %d; mesh %s over %d devices (%s)", pid, nproc,
+                 dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
 
     # ---- Model: the UNet, the first stage, the coupling and the path.
     cfm = CFM.from_config(config)
     rng = jax.random.PRNGKey(config.seed)
     init_rng, fs_rng, state_rng, eval_rng = jax.random.split(rng, 4)
-    fs_params = cfm.first_stage.init_params(fs_rng)
-    params = jax.jit(cfm.init_params)(init_rng)
-    logging.info("UNet parameters: %s", f"{count_params(params):,}")
+    fs_params = sharding_lib.put_replicated(cfm.first_stage.init_params(fs_rng), mesh)
 
-    # ---- Optimizer and state; auto-resume.
+    # ---- Optimizer and state, sharded as config.mesh says (FSDP for big arrays).
     tx = make_optimizer(config.optim)
-    state = create_train_state(params, tx, state_rng)
-    mngr = checkpoint_manager(workdir, config)
-    state = restore_or_init(mngr, state)
+
+    def init_state(init_rng, state_rng):
+        return create_train_state(cfm.init_params(init_rng), tx, state_rng)
+
+    abstract_state = jax.eval_shape(init_state, init_rng, state_rng)
+    state_sharding = sharding_lib.state_shardings(abstract_state, mesh, config.fsdp_min_size)
+    logging.info("UNet parameters: %s", f"{count_params(abstract_state.params):,}")
+
+    # ---- Checkpoint: auto-resume from the latest complete one.
+    mngr = checkpointing.checkpoint_manager(workdir, config.keep_checkpoints, config.keep_every)
+    restored = checkpointing.restore(
+        mngr, checkpointing.abstract_with_shardings(abstract_state, state_sharding))
+    if restored is None:
+        state = jax.jit(init_state, out_shardings=state_sharding)(init_rng, state_rng)
+        data_state = None
+    else:
+        state, data_state = restored
     start_step = int(state.step)
 
-    # ---- Data.
-    d = config.data
-    train_data = photos.PhotoCrops(tuple(d.train_photos), config.high_res_size,
-                                   config.batch_size, config.seed)
-    eval_size = d.eval_crop_size or config.high_res_size
-    evaluator = Evaluator(cfm, config, photos.eval_crops(tuple(d.eval_photos), eval_size,
-                                                         d.num_eval_images))
+    # ---- Data: this process's part of every global batch; the held-out set.
+    train_iter = create_train_iterator(config, pid, nproc, start_step)
+    if data_state is not None:
+        train_iter.set_state(data_state)
+    evaluator = Evaluator(cfm, config, eval_images(config), mesh)
 
-    # ---- Update step.
-    train_step = jax.jit(make_train_step(cfm, tx, config), donate_argnums=(0,))
+    # ---- Update step: compiled once for the global batch's shapes and shardings.
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    first_batch = sharding_lib.global_batch(next(train_iter), mesh)
+    train_step = jax.jit(
+        make_train_step(cfm, tx, config),
+        in_shardings=(state_sharding, sharding_lib.replicated(mesh), batch_sharding),
+        out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    ).lower(state, fs_params, first_batch).compile()
+    step_flops = flops_of(train_step)          # per device
+    peak = peak_tflops(jax.devices()[0].device_kind, config.dtype)
 
     def evaluate(step: int) -> dict[str, Any]:
         params_s = sampling.sampling_params(state, config.ema.use_for_sampling)
         results, grid = evaluator.run(params_s, fs_params, jax.random.fold_in(eval_rng, step))
         writer.write(step, {f"eval/{k}": v for k, v in results.items()})
         writer.write_image(step, "eval/samples", grid)
-        if jax.process_index() == 0:
+        if pid == 0:
             os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
             Image.fromarray(grid).save(os.path.join(workdir, "samples", f"step_{step:07d}.png"))
         logging.info("eval step %d: %s", step, json.dumps(results))
@@ -185,42 +279,80 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ---- Loop.
     total = config.total_steps
-    bar = tqdm(total=total, initial=start_step, desc="train", unit="step",
-               disable=jax.process_index() != 0, dynamic_ncols=True)
+    watcher = PreemptionWatcher()
+    bar = tqdm(total=total, initial=start_step, desc="train", unit="step", disable=pid != 0,
+               dynamic_ncols=True)
     t_last, steps_since, results = time.perf_counter(), 0, None
-    for step in range(start_step, total):
-        batch = jax.tree.map(jnp.asarray, train_data.batch(step))
-        state, metrics = train_step(state, fs_params, batch)
-        steps_since += 1
-        done = step + 1
-        bar.update(1)
-        if done % config.log_every == 0 or done == total:
-            m = jax.device_get(metrics)
-            if not np.isfinite(m["loss"]):
-                raise FloatingPointError(f"Loss is {m['loss']} at step {done}; stopping. The last "
-                                         "checkpoint is intact.")
-            now = time.perf_counter()
-            sps = steps_since / (now - t_last)
-            t_last, steps_since = now, 0
-            m.update(steps_per_sec=sps, images_per_sec=sps * config.batch_size,
-                     examples_seen=done * config.batch_size, eta_seconds=(total - done) / sps)
-            writer.write(done, m)
-            bar.set_postfix(loss=f"{float(m['loss']):.4f}", img_s=f"{sps * config.batch_size:.1f}")
-        if done % config.checkpoint_every == 0 or done == total:
-            mngr.save(done, args=ocp.args.StandardSave(state))
-        if done % config.eval_every == 0 or done == total:
-            results = evaluate(done)
-            t_last = time.perf_counter()  # do not count evaluation in the throughput
-    bar.close()
-    mngr.wait_until_finished()
+    pending = None                  # (step, metrics) not yet checked for NaN/Inf
+    last_saved = mngr.latest_step()
+    batch, preempted = first_batch, False
+    try:
+        for step in range(start_step, total):
+            if batch is None:
+                batch = sharding_lib.global_batch(next(train_iter), mesh)
+            state, metrics = train_step(state, fs_params, batch)
+            batch = None
+            done = step + 1
+            # Check the previous step while this one runs: the device never waits on the host.
+            if pending is not None:
+                check_finite(*pending, last_saved)
+            pending = (done, metrics)
+            steps_since += 1
+            bar.update(1)
+            preempted = watcher.reached(done)
+            save_now = done % config.checkpoint_every == 0 or done == total or preempted
+            log_now = done % config.log_every == 0 or done == total
+            if save_now or log_now:
+                m = jax.device_get(metrics)
+                check_finite(done, m, last_saved)
+                pending = None
+            if log_now:
+                now = time.perf_counter()
+                sps = steps_since / (now - t_last)
+                t_last, steps_since = now, 0
+                m.update(steps_per_sec=sps, images_per_sec=sps * config.batch_size,
+                         images_per_sec_per_device=sps * config.batch_size / mesh.size,
+                         examples_seen=done * config.batch_size, eta_seconds=(total - done) / sps)
+                if step_flops:
+                    m["tflops_per_device"] = step_flops * sps / 1e12
+                    if peak:
+                        m["fraction_of_peak"] = m["tflops_per_device"] / peak
+                writer.write(done, m)
+                bar.set_postfix(loss=f"{float(m['loss']):.4f}",
+                                img_s=f"{m['images_per_sec']:.1f}")
+                logging.info(
+                    "step %d/%d loss %.5f | %.1f img/s (%.2f per device) | %s%s ETA %s", done,
+                    total, float(m["loss"]), m["images_per_sec"], m["images_per_sec_per_device"],
+                    f"{m['tflops_per_device']:.3g} TFLOP/s per device " if step_flops else "",
+                    f"({100 * m['fraction_of_peak']:.1f}% of peak) |" if "fraction_of_peak" in m
+                    else "|", time.strftime("%H:%M:%S", time.gmtime(m["eta_seconds"])))
+            if save_now:
+                checkpointing.save(mngr, done, state, train_iter)
+                last_saved = done
+            if preempted:
+                logging.warning("Preemption notice: saved step %d; exiting.", done)
+                break
+            if done % config.eval_every == 0 or done == total:
+                results = evaluate(done)
+                t_last = time.perf_counter()  # do not count evaluation in the throughput
+        if pending is not None:
+            check_finite(*pending, last_saved)
+    finally:
+        bar.close()
+        watcher.close()
+        mngr.wait_until_finished()   # an in-flight save completes, even when a step failed
+
+    if preempted:
+        writer.close()
+        mngr.close()
+        return {"preempted": True, "step": int(state.step)}
 
     # ---- Final evaluation (also when resuming a finished run).
     if results is None:
         results = evaluate(int(state.step))
-    final = {"step": int(state.step), "num_eval_images": int(evaluator.images.shape[0]),
-             "eval_size": int(evaluator.images.shape[1]),
-             "sampler": dict(config.sampling), **results}
-    if jax.process_index() == 0:
+    final = {"step": int(state.step), "num_eval_images": evaluator.num_images,
+             "eval_size": evaluator.size, "sampler": dict(config.sampling), **results}
+    if pid == 0:
         with open(os.path.join(workdir, "eval.json"), "w") as f:
             json.dump(final, f, indent=2)
     writer.close()
