@@ -123,7 +123,8 @@ def restore_params(workdir: str, use_ema: bool = True, step: int | None = None) 
     """UNet params (the EMA copy by default) of the latest (or given) checkpoint in `workdir`,
     as host-local arrays, e.g. for sampling in a notebook."""
     path = checkpoint_dir(workdir)
-    mngr = ocp.CheckpointManager(path, item_handlers={"state": ocp.StandardCheckpointHandler()})
+    mngr = ocp.CheckpointManager(path, item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                      "data": DataStateHandler()})
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"No checkpoint in {path}")

@@ -86,3 +86,33 @@ def test_the_demo_config_runs_end_to_end_from_the_command_line(tmp_path):
     for key in ("step", "loss", "lr", "grad_norm", "steps_per_sec"):
         assert key in rows[0]
     assert any(f.startswith("events") for f in os.listdir(workdir / "tensorboard"))
+
+
+def test_a_nan_in_a_batch_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(
+        tiny_config, tmp_path, monkeypatch):
+    from fmboost_jax import trainer
+    real = trainer.create_train_iterator
+
+    class Poisoned:
+        """The real iterator, with a NaN pixel in the batch of step 5 (0-based 4)."""
+
+        def __init__(self, *args):
+            self.it = real(*args)
+            self.get_state, self.set_state = self.it.get_state, self.it.set_state
+
+        def __next__(self):
+            step = self.it.get_state()["step"]
+            batch = next(self.it)
+            if step == 4:
+                batch["image"][0, 0, 0, 0] = np.nan
+            return batch
+
+    monkeypatch.setattr(trainer, "create_train_iterator", Poisoned)
+    tiny_config.unet.update(channel_mult=(1,), attention_resolutions=())
+    tiny_config.checkpoint_every, tiny_config.log_every = 2, 10
+    with pytest.raises(FloatingPointError, match=r"Non-finite training step 5: loss nan.*"
+                       r"latest checkpoint \(step 4\) was written before it and is intact"):
+        train_and_evaluate(tiny_config, str(tmp_path))
+    step, state = _final_params(str(tmp_path))
+    assert step == 4 and int(state["step"]) == 4
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
