@@ -2,13 +2,16 @@
 
     python benchmarks/bench_unet_step.py --config ref15m --torch-baseline
     python benchmarks/bench_unet_step.py --config released --batch 4 --dtype bfloat16
+    python benchmarks/bench_unet_step.py --config ref15m --devices 1,8     # data-parallel scaling
 
 Times compiled steps after warm-up and prints median/mean ms, images/s, peak memory,
 TFLOP/s and the fraction of the device's peak on an accelerator, the machine, and the ratio
 to a reference time (`--reference-ms`, default: the PyTorch reference's 768 ms per training
 step of `ref15m` on the project's 2-core CPU machine kind; see shared/REFERENCE.md).
 `--torch-baseline` also times the PyTorch oracle (`tests/torch_unet_oracle.py`) in the same
-run, on the same inputs, and reports the ratio against that.
+run, on the same inputs, and reports the ratio against that. `--devices 1,8` times the
+data-parallel step of the same global batch on 1 and on 8 devices (8 fake CPU devices on a
+CPU host, the first 8 accelerators otherwise), one process per count, and prints the ratio.
 
 The timed step comes from `make_unet_step`; to benchmark the real trainer's step instead,
 swap in a function with the same signature `step(state, batch) -> (state, loss)`.
@@ -17,10 +20,12 @@ swap in a function with the same signature `step(state, batch) -> (state, loss)`
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +38,7 @@ import optax
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fmboost_jax import ode  # noqa: E402
+from fmboost_jax import ode, sharding  # noqa: E402
 from fmboost_jax.models.unet import EfficientUNet, count_params  # noqa: E402
 from fmboost_jax.throughput import flops_of, peak_tflops  # noqa: E402
 
@@ -149,6 +154,35 @@ def torch_times(cfg: dict[str, Any], batch: dict[str, np.ndarray], steps: int, t
     return train, fwd
 
 
+def compare_device_counts(args: argparse.Namespace) -> None:
+    """Runs this script once per device count and prints the step times and their ratios."""
+    counts = [int(n) for n in args.devices.split(",")]
+    argv = [a for a in sys.argv[1:] if not a.startswith("--devices")]
+    if "--devices" in sys.argv:  # "--devices 1,8" form
+        i = sys.argv.index("--devices")
+        argv = sys.argv[1:i] + sys.argv[i + 2:]
+    times = {}
+    for n in counts:
+        env = dict(os.environ)
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            f" --xla_force_host_platform_device_count={n}").strip()
+        proc = subprocess.run([sys.executable, __file__, *argv, f"--mesh-devices={n}"], env=env,
+                              capture_output=True, text=True)
+        lines = proc.stdout.splitlines()
+        for line in lines:
+            if line.startswith(("machine:", "config:", "train ", "compile")):
+                print(f"[{n} devices] {line}")
+        result = [l for l in lines if l.startswith("RESULT ")]
+        if proc.returncode or not result:
+            raise SystemExit(f"run on {n} devices failed:\n{proc.stderr[-3000:]}")
+        times[n] = json.loads(result[0][len("RESULT "):])["median_ms"]
+    base = counts[0]
+    for n in counts[1:]:
+        print(f"same global batch, {n} vs {base} device(s): {times[n]:.1f} / {times[base]:.1f} ms "
+              f"= {times[n] / times[base]:.3f}x the time per step "
+              f"(speed-up {times[base] / times[n]:.2f}x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=sorted(CONFIGS), default="ref15m")
@@ -168,7 +202,14 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
     ap.add_argument("--reference-ms", type=float, default=768.0,
                     help="reference training-step time to compare against (default: PyTorch, ref15m, 2 CPU cores)")
+    ap.add_argument("--devices", default="",
+                    help="comma-separated device counts, e.g. 1,8: time the data-parallel training "
+                         "step of the same global batch on each (fake CPU devices on a CPU host), "
+                         "one process per count, and print the ratios")
+    ap.add_argument("--mesh-devices", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.devices:
+        return compare_device_counts(args)
 
     cfg, default_batch, default_size = CONFIGS[args.config]
     cfg = dict(cfg, use_linear_attn=args.linear_attn)
@@ -190,8 +231,15 @@ def main() -> None:
     print(f"config: {args.config} {cfg} params={count_params(params):,} batch={batch_size} "
           f"size={size}x{size} dtype={args.dtype}")
 
+    step_fn = jax.jit(make_unet_step(model, tx), donate_argnums=0)
+    if args.mesh_devices:  # data parallel: replicated state, batch split over the devices
+        mesh = sharding.make_mesh((("data", -1), ("fsdp", 1)), jax.devices()[:args.mesh_devices])
+        rep, split = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+        state, batch = jax.device_put(state, rep), jax.device_put(batch, split)
+        step_fn = jax.jit(make_unet_step(model, tx), in_shardings=(rep, split),
+                          out_shardings=(rep, rep), donate_argnums=0)
     t0 = time.perf_counter()
-    train_step = jax.jit(make_unet_step(model, tx), donate_argnums=0).lower(state, batch).compile()
+    train_step = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     train_flops = flops_of(train_step)
 
@@ -204,6 +252,11 @@ def main() -> None:
     peak = peak_tflops(device.device_kind, args.dtype)
     print(f"compile (train step): {compile_s:.1f} s")
     print(summary("train", train, batch_size, train_flops, peak, accelerator))
+
+    if args.mesh_devices:
+        print("RESULT " + json.dumps({"devices": args.mesh_devices,
+                                      "median_ms": statistics.median(train)}))
+        return
 
     if not args.no_forward:
         forward = jax.jit(model.apply).lower(state[0], batch["x_t"], batch["t"], batch["context"]).compile()

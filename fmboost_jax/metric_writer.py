@@ -1,5 +1,6 @@
 """Metric logging: one JSON object per line in `workdir/metrics.jsonl` plus TensorBoard
-event files (tensorboardX, no TensorFlow needed). Only process 0 writes."""
+event files (tensorboardX, no TensorFlow needed). Only process 0 writes. `workdir` may be a
+local path or a bucket (`gs://...`, through etils.epath)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
 
 
 class MetricWriter:
@@ -17,8 +19,9 @@ class MetricWriter:
         self._jsonl = None
         self._tb = None
         if self.active:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+            path = epath.Path(workdir)
+            path.mkdir(parents=True, exist_ok=True)
+            self._jsonl = (path / "metrics.jsonl").open("a")
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -29,6 +32,7 @@ class MetricWriter:
         row = {"step": int(step)}
         row.update({k: float(np.asarray(v)) for k, v in metrics.items()})
         self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
         for k, v in row.items():
             if k != "step":
                 self._tb.add_scalar(k, v, global_step=int(step))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from typing import Any
 
@@ -23,6 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -207,10 +207,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.batch_size % nproc:
         raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                          f"{nproc} processes")
-    os.makedirs(workdir, exist_ok=True)
+    workpath = epath.Path(workdir)             # a local directory or gs://bucket/...
     if pid == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        workpath.mkdir(parents=True, exist_ok=True)
+        (workpath / "config.json").write_text(config.to_json_best_effort(indent=2))
     writer = MetricWriter(workdir)
 
     # ---- Mesh: devices of all processes; the batch is split over all of them.
@@ -272,8 +272,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write(step, {f"eval/{k}": v for k, v in results.items()})
         writer.write_image(step, "eval/samples", grid)
         if pid == 0:
-            os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-            Image.fromarray(grid).save(os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+            (workpath / "samples").mkdir(parents=True, exist_ok=True)
+            with (workpath / "samples" / f"step_{step:07d}.png").open("wb") as f:
+                Image.fromarray(grid).save(f, format="PNG")
         logging.info("eval step %d: %s", step, json.dumps(results))
         return results
 
@@ -353,8 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     final = {"step": int(state.step), "num_eval_images": evaluator.num_images,
              "eval_size": evaluator.size, "sampler": dict(config.sampling), **results}
     if pid == 0:
-        with open(os.path.join(workdir, "eval.json"), "w") as f:
-            json.dump(final, f, indent=2)
+        (workpath / "eval.json").write_text(json.dumps(final, indent=2))
     writer.close()
     mngr.close()
     return final

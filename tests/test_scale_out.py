@@ -7,6 +7,7 @@ uninterrupted single-device run of the same config.
 """
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import pytest
 from fmboost_jax.checkpointing import restore_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOTAL = 8
+TOTAL = 10
 # Adam's eps bounds how much it amplifies float32 rounding noise in near-zero gradients
 # (lr * noise / eps): with the default 1e-8 a sign flip of a 1e-9 gradient moves a parameter by
 # a full lr, so runs on different meshes are compared with a larger eps.
@@ -132,26 +133,33 @@ def test_a_run_saved_on_8_devices_with_fsdp_resumes_on_4(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_train_checkpoint_and_resume_through_jax_distributed(reference, tmp_path):
+def test_two_processes_train_agree_on_a_preemption_step_and_resume(reference, tmp_path):
+    """2 processes x 4 fake devices joined by jax.distributed on localhost; SIGTERM to one."""
     workdir = tmp_path / "multihost"
 
-    def run(total: int) -> list[str]:
+    def start(total: int) -> list[subprocess.Popen]:
         port = _free_port()
-        procs = [_start(workdir, f"--config.total_steps={total}",
-                        f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                        f"--process_id={i}", devices=4) for i in range(2)]
-        outs = [_finish(p) for p in procs]
-        for p, o in zip(procs, outs):
-            assert p.returncode == 0, o[-3000:]
-        return outs
+        return [_start(workdir, f"--config.total_steps={total}",
+                       f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                       f"--process_id={i}", devices=4) for i in range(2)]
 
-    outs = run(4)
+    procs = start(10 * TOTAL)
+    _wait_for_checkpoint(procs[0], workdir, 2)
+    procs[1].send_signal(signal.SIGTERM)              # the notice reaches one host only
+    outs = [_finish(p) for p in procs]
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-3000:]
     assert "Process 1 of 2" in outs[1] and "mesh {'data': 8, 'fsdp': 1} over 8 devices" in outs[0]
-    data_files = sorted(os.listdir(workdir / "checkpoints" / "4" / "data"))
+    stops = [re.findall(r"Preemption notice: saved step (\d+)", o) for o in outs]
+    assert stops[0] == stops[1] and len(stops[0]) == 1, stops   # both stop at the same step
+    stopped_at = int(stops[0][0])
+    assert _steps(workdir)[-1] == stopped_at < TOTAL
+    data_files = sorted(os.listdir(workdir / "checkpoints" / str(stopped_at) / "data"))
     assert [f for f in data_files if f.endswith(".json")] == ["process_0-of-2.json",
                                                               "process_1-of-2.json"]
-    outs = run(TOTAL)
-    assert all("Restoring checkpoint of step 4" in o for o in outs)
+
+    outs = [_finish(p) for p in start(TOTAL)]
+    assert all(f"Restoring checkpoint of step {stopped_at}" in o for o in outs), outs[0][-3000:]
     assert _steps(workdir)[-1] == TOTAL
     params = reference[0]
     scale = max(float(np.max(np.abs(p))) for p in jax.tree.leaves(params))
