@@ -1,4 +1,5 @@
-"""Runs the training step on one device, data-parallel and FSDP meshes; prints the differences.
+"""Runs training steps and the sample function on one device, data-parallel and FSDP meshes;
+prints the differences.
 
 Run in a fresh process with 8 fake CPU devices (tests/test_sharding.py does this):
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_step.py
@@ -18,6 +19,7 @@ import tiny_config  # noqa: E402
 from fmboost_jax import sharding  # noqa: E402
 from fmboost_jax.cfm import CFM  # noqa: E402
 from fmboost_jax.data import photos  # noqa: E402
+from fmboost_jax.sampling import make_sample_fn  # noqa: E402
 from fmboost_jax.train_state import create_train_state, make_optimizer  # noqa: E402
 from fmboost_jax.trainer import make_train_step  # noqa: E402
 
@@ -42,7 +44,11 @@ def run(config, mesh):
         state, m = step(state, {}, sharding.global_batch(data.batch(i), mesh))
         losses.append(float(m["loss"]))
     sharded = sum(not s.is_fully_replicated for s in jax.tree.leaves(state_sh))
-    return losses, jax.device_get(state), sharded
+    # The notebook sample function on a batch split over the mesh, with the sharded params.
+    lowres = cfm.lowres_images(data.batch(STEPS)["image"])
+    out = make_sample_fn(cfm, solver="euler", num_steps=2)(
+        state.ema_params, {}, sharding.put_batch(np.asarray(lowres), mesh), jax.random.PRNGKey(2))
+    return losses, jax.device_get(state), sharded, np.asarray(out.images)
 
 
 def main():
@@ -54,15 +60,16 @@ def main():
     results = {"single": run(config, one),
                "data_parallel": run(config, sharding.make_mesh((("data", -1), ("fsdp", 1)))),
                "fsdp": run(config, sharding.make_mesh((("data", 2), ("fsdp", 4))))}
-    ref_losses, ref_state, _ = results["single"]
+    ref_losses, ref_state, _, ref_images = results["single"]
     report = {}
-    for name, (losses, state, sharded) in results.items():
+    for name, (losses, state, sharded, images) in results.items():
         diffs = [float(np.max(np.abs(a - b)))
                  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state))]
         scale = max(float(np.max(np.abs(a))) for a in jax.tree.leaves(ref_state.params))
         report[name] = {"losses": losses, "loss_diff": float(np.max(np.abs(
             np.subtract(losses, ref_losses)))), "max_state_diff": max(diffs),
-            "param_scale": scale, "sharded_arrays": sharded, "step": int(state.step)}
+            "param_scale": scale, "sharded_arrays": sharded, "step": int(state.step),
+            "sample_diff": float(np.max(np.abs(images - ref_images)))}
     print("RESULT " + json.dumps(report))
 
 

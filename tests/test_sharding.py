@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from fmboost_jax import sharding
@@ -39,7 +40,7 @@ def test_fsdp_shards_the_largest_divisible_dimension_of_big_arrays_only():
 
 
 @pytest.mark.slow
-def test_data_parallel_and_fsdp_steps_match_the_single_device_step():
+def test_data_parallel_and_fsdp_steps_and_samples_match_the_single_device_ones():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_step.py")],
                           capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
@@ -55,3 +56,27 @@ def test_data_parallel_and_fsdp_steps_match_the_single_device_step():
         # gradient's RMS, so parameter differences are ~1e-5 of their scale after 3 steps.
         assert r["loss_diff"] <= 1e-6 * max(report["single"]["losses"]) + 1e-9, r
         assert r["max_state_diff"] <= 1e-4 * r["param_scale"], r
+        assert r["sample_diff"] <= 1e-4, r                # images in [-1, 1]
+
+
+def test_checkpoints_keep_the_latest_n_plus_every_kth_step(tmp_path):
+    import jax.numpy as jnp
+    from fmboost_jax import checkpointing
+
+    class Position:  # the smallest input-pipeline state
+        def __init__(self, step):
+            self.step = step
+
+        def get_state(self):
+            return {"step": self.step}
+
+    mngr = checkpointing.checkpoint_manager(str(tmp_path), keep=2, keep_every=4)
+    for step in range(1, 11):
+        checkpointing.save(mngr, step, {"w": jnp.full((3,), float(step))}, Position(step))
+    mngr.wait_until_finished()
+    assert sorted(mngr.all_steps()) == [4, 8, 9, 10]
+    abstract = {"w": jax.ShapeDtypeStruct((3,), jnp.float32,
+                                          sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+    state, data = checkpointing.restore(mngr, abstract, step=8)
+    assert state["w"].tolist() == [8.0] * 3 and data == {"step": 8}
+    mngr.close()
