@@ -9,6 +9,10 @@ checkpoint holding the online network under `model.net.` and the EMA copy under
 CLI (torch is only needed to read `.pt/.ckpt/.bin` files):
 
     python -m fmboost_jax.convert unet --src FILE --dst DIR --config configs/X.py [--which ema|model]
+    python -m fmboost_jax.convert vae --src FILE --dst DIR [--preset sd|sdxl|sd3|flux]
+
+`vae_params_from_torch` does the same for the Stable Diffusion family's KL autoencoder
+(`fmboost_jax.models.autoencoder`), from the latent-diffusion or the diffusers key layout.
 """
 
 from __future__ import annotations
@@ -26,10 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from fmboost_jax.models import autoencoder
+from fmboost_jax.models.autoencoder import AutoencoderKL
 from fmboost_jax.models.unet import EfficientUNet, count_params, unet_from_config
 
 Params = dict[str, Any]
 Which = Literal["ema", "model"]
+Layout = Callable[[tuple[str, ...], tuple[int, ...]],
+                  tuple[str, tuple[int, ...], Callable[[np.ndarray], np.ndarray]]]
 
 # Buffers of the reference EMA wrapper; they are not network weights.
 NON_NETWORK_BUFFERS = frozenset({"initted", "step"})
@@ -123,15 +131,21 @@ def select_network(state_dict: Mapping[str, Any], expected: set[str],
 
 
 def params_from_torch(state_dict: Mapping[str, Any], shapes: Params,
-                      which: Which | None = None) -> Params:
+                      which: Which | None = None, layout: Layout | None = None,
+                      ignore: Callable[[str], bool] = lambda key: False) -> Params:
     """Fills a Flax params tree of `jax.ShapeDtypeStruct`s from a PyTorch state dict.
 
-    Raises CheckpointMismatchError listing every missing, unexpected and mis-shaped key.
+    `layout(path, flax_shape) -> (torch key, torch shape, transform)` names the PyTorch
+    counterpart of every Flax param (default: the reference UNet's); keys for which `ignore`
+    is true (after the network's prefix) are dropped. Raises CheckpointMismatchError listing
+    every missing, unexpected and mis-shaped key.
     """
+    layout = layout or torch_layout
     flat_shapes = traverse_util.flatten_dict(shapes)
-    layouts = {path: torch_layout(path, tuple(s.shape)) for path, s in flat_shapes.items()}
+    layouts = {path: layout(path, tuple(s.shape)) for path, s in flat_shapes.items()}
     expected = {key for key, _, _ in layouts.values()}
     prefix, net = select_network(state_dict, expected, which)
+    net = {k: v for k, v in net.items() if not ignore(k)}
 
     missing, bad_shape, flat = [], [], {}
     for path, (key, torch_shape, to_flax) in layouts.items():
@@ -182,6 +196,87 @@ def unet_params_from_torch(state_dict: Mapping[str, Any], unet: EfficientUNet,
       which: `"ema"` or `"model"` to choose between the EMA and online copies; None prefers EMA.
     """
     return params_from_torch(state_dict, unet_param_shapes(unet, input_shape), which)
+
+
+# ------------------------------------------------------------------------ the SD VAE
+def vae_torch_key(path: tuple[str, ...]) -> str:
+    """Flax path -> diffusers key: `('encoder', 'down_blocks_0_resnets_1', 'conv1', 'kernel')`
+    -> `encoder.down_blocks.0.resnets.1.conv1.weight`."""
+    *modules, leaf = path
+    names = [re.sub(r"_(\d+)(?=_|$)", r".\1", m).replace("._", ".") for m in modules]
+    names = [re.sub(r"\.(\d+)_", r".\1.", n) for n in names]
+    return ".".join(names + ["bias" if leaf == "bias" else "weight"])
+
+
+def vae_layout(path: tuple[str, ...], flax_shape: tuple[int, ...]
+               ) -> tuple[str, tuple[int, ...], Callable[[np.ndarray], np.ndarray]]:
+    """Flax VAE param -> (diffusers key, torch shape, torch-to-flax transform)."""
+    key, s = vae_torch_key(path), flax_shape
+    if path[-1] != "kernel":
+        return key, s, lambda w: w
+    if len(s) == 4:  # Conv2d (O, I, kh, kw) -> (kh, kw, I, O)
+        return key, (s[3], s[2], s[0], s[1]), lambda w: w.transpose(2, 3, 1, 0)
+    return key, (s[1], s[0]), lambda w: w.T  # Linear (O, I) -> (I, O)
+
+
+# Latent-diffusion (`sd_ae.ckpt`) and legacy diffusers names -> current diffusers names.
+_LDM_RENAMES = [
+    (r"(encoder|decoder)\.mid\.block_1\.", r"\1.mid_block.resnets.0."),
+    (r"(encoder|decoder)\.mid\.block_2\.", r"\1.mid_block.resnets.1."),
+    (r"(encoder|decoder)\.mid\.attn_1\.norm\.", r"\1.mid_block.attentions.0.group_norm."),
+    (r"(encoder|decoder)\.mid\.attn_1\.q\.", r"\1.mid_block.attentions.0.to_q."),
+    (r"(encoder|decoder)\.mid\.attn_1\.k\.", r"\1.mid_block.attentions.0.to_k."),
+    (r"(encoder|decoder)\.mid\.attn_1\.v\.", r"\1.mid_block.attentions.0.to_v."),
+    (r"(encoder|decoder)\.mid\.attn_1\.proj_out\.", r"\1.mid_block.attentions.0.to_out.0."),
+    (r"encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2."),
+    (r"encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
+    (r"(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
+    (r"\.nin_shortcut\.", r".conv_shortcut."),
+    (r"\.attentions\.0\.query\.", r".attentions.0.to_q."),
+    (r"\.attentions\.0\.key\.", r".attentions.0.to_k."),
+    (r"\.attentions\.0\.value\.", r".attentions.0.to_v."),
+    (r"\.attentions\.0\.proj_attn\.", r".attentions.0.to_out.0."),
+]
+
+
+def diffusers_vae_keys(state_dict: Mapping[str, Any], num_levels: int) -> dict[str, Any]:
+    """Renames a VAE state dict of either layout (any prefix kept) to diffusers' names.
+
+    The latent-diffusion decoder numbers its levels from the shallowest (`decoder.up.3` is
+    the deepest of 4), diffusers from the deepest (`decoder.up_blocks.0`). Attention weights
+    stored as 1x1 convs (C, C, 1, 1) become (C, C) linear weights.
+    """
+    if isinstance(state_dict.get("state_dict"), Mapping):
+        state_dict = state_dict["state_dict"]
+    up = lambda m: f"decoder.up_blocks.{num_levels - 1 - int(m.group(1))}."
+    out = {}
+    for key, value in state_dict.items():
+        new = re.sub(r"decoder\.up\.(\d+)\.block\.(\d+)\.",
+                     lambda m: up(m) + f"resnets.{m.group(2)}.", key)
+        new = re.sub(r"decoder\.up\.(\d+)\.upsample\.", lambda m: up(m) + "upsamplers.0.", new)
+        for pattern, repl in _LDM_RENAMES:
+            new = re.sub(pattern, repl, new)
+        if ".attentions.0.to_" in new and new.endswith("weight") and len(value.shape) == 4:
+            value = value[:, :, 0, 0]
+        out[new] = value
+    return out
+
+
+def _is_training_loss_key(key: str) -> bool:
+    return key.startswith("loss.")  # the discriminator and LPIPS of the VAE's training
+
+
+def vae_params_from_torch(state_dict: Mapping[str, Any], model: AutoencoderKL) -> Params:
+    """A PyTorch `AutoencoderKL` state dict -> Flax params (float32 numpy) for `model`.
+
+    Accepts the latent-diffusion layout (`sd_ae.ckpt`: bare, inside `state_dict`, or under
+    `first_stage_model.` / `vae.`; `loss.*` keys dropped) and the diffusers layout (current or
+    legacy attention names). Raises CheckpointMismatchError listing missing, unexpected and
+    mis-shaped keys, e.g. for a 16-channel VAE read with a 4-channel preset.
+    """
+    renamed = diffusers_vae_keys(state_dict, len(model.config.ch_mult))
+    return params_from_torch(renamed, autoencoder.param_shapes(model), layout=vae_layout,
+                             ignore=_is_training_loss_key)
 
 
 def load_torch_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, Any]:
@@ -253,6 +348,16 @@ def _run_unet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_vae(args: argparse.Namespace) -> int:
+    """`vae` subcommand: PyTorch VAE checkpoint (either layout) -> orbax params directory."""
+    model = AutoencoderKL(autoencoder.preset(args.preset))
+    state_dict = load_torch_state_dict(args.src, allow_pickle=args.allow_pickle)
+    params = vae_params_from_torch(state_dict, model)
+    dst = save_params(args.dst, params, overwrite=args.overwrite)
+    print(f"wrote {count_params(params):,} VAE parameters ({args.preset}) to {dst}")
+    return 0
+
+
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--src", required=True, help="PyTorch checkpoint (.ckpt/.pt/.bin/.safetensors)")
     parser.add_argument("--dst", required=True, help="output orbax checkpoint directory")
@@ -273,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     unet.add_argument("--which", choices=("ema", "model"), default=None,
                       help="EMA or online weights of a training checkpoint (default: EMA if present)")
     unet.set_defaults(func=_run_unet)
+
+    vae = commands.add_parser("vae", help="convert a KL-VAE (SD, SDXL, SD3, FLUX)")
+    _add_common_arguments(vae)
+    vae.add_argument("--preset", choices=sorted(autoencoder.PRESETS), default="sd",
+                     help="architecture of the checkpoint (default: sd; sdxl has the same shapes)")
+    vae.set_defaults(func=_run_vae)
     return parser
 
 

@@ -1,0 +1,249 @@
+"""The KL autoencoder of latent diffusion (the Stable Diffusion VAE) as a Flax linen module, NHWC.
+
+    encoder: conv_in -> [ResnetBlock x num_res_blocks, Downsample] per level -> mid (ResnetBlock,
+             single-head attention, ResnetBlock) -> GroupNorm, SiLU, conv_out -> (mean, logvar)
+    decoder: conv_in -> mid -> [ResnetBlock x (num_res_blocks + 1), Upsample] per level, deepest
+             first -> GroupNorm, SiLU, conv_out -> image
+
+GroupNorms have 32 groups and eps 1e-6; down-sampling pads one row and column at the bottom and
+right and applies a stride-2 3x3 conv; up-sampling is nearest x2 then a 3x3 conv. Module names
+follow diffusers' `AutoencoderKL` with `.` replaced by `_` (`encoder.down_blocks.0.resnets.1.conv1`
+-> `encoder/down_blocks_0/resnets_1/conv1`), which `fmboost_jax.convert` relies on.
+
+The presets `sd`, `sdxl`, `sd3` and `flux` are the VAEs of those models (same layout; SD3 and FLUX
+have 16 latent channels, no quant convs, and a shift factor). Images are (B, H, W, 3) in [-1, 1],
+latents (B, H/8, W/8, C). Parameters are float32; `dtype` sets the compute dtype, and GroupNorm
+statistics are always taken in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fmboost_jax.models.unet import torch_default_init
+
+Array = jax.Array
+Dtype = Any
+
+GROUPS = 32
+NORM_EPS = 1e-6
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderConfig:
+    """Hyperparameters of a KL autoencoder; the latent is `scale * (z - shift)`."""
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    in_channels: int = 3
+    out_channels: int = 3
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    scale_factor: float = 0.18215
+    shift_factor: float = 0.0
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+PRESETS: dict[str, AutoencoderConfig] = {
+    "sd": AutoencoderConfig(),
+    "sdxl": AutoencoderConfig(scale_factor=0.13025),
+    "sd3": AutoencoderConfig(z_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                             scale_factor=1.5305, shift_factor=0.0609),
+    "flux": AutoencoderConfig(z_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                              scale_factor=0.3611, shift_factor=0.1159),
+}
+
+
+def preset(name: str, **overrides: Any) -> AutoencoderConfig:
+    """A preset's config with fields replaced (e.g. a narrow `ch` for tests)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown autoencoder preset {name!r}; known: {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def _conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1,
+          padding: Any = None) -> nn.Conv:
+    pad = kernel // 2
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=padding if padding is not None else ((pad, pad), (pad, pad)),
+                   dtype=dtype, kernel_init=torch_default_init, name=name)
+
+
+def _norm(name: str, dtype: Dtype) -> nn.GroupNorm:
+    # Two-pass float32 statistics: decoder activations reach the hundreds, where E[x^2] - E[x]^2
+    # loses the digits the 1e-4 parity with PyTorch needs.
+    return nn.GroupNorm(num_groups=GROUPS, epsilon=NORM_EPS, dtype=dtype, use_fast_variance=False,
+                        name=name)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-Conv3x3 twice, plus a 1x1-conv shortcut when the width changes."""
+    out_channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        h = _conv(self.out_channels, 3, "conv1", self.dtype)(nn.silu(_norm("norm1", self.dtype)(x)))
+        h = _conv(self.out_channels, 3, "conv2", self.dtype)(nn.silu(_norm("norm2", self.dtype)(h)))
+        if x.shape[-1] != self.out_channels:
+            x = _conv(self.out_channels, 1, "conv_shortcut", self.dtype)(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all H*W positions, with a residual connection."""
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, h, w, c = x.shape
+        y = _norm("group_norm", self.dtype)(x).reshape(b, h * w, c)
+        dense = lambda name: nn.Dense(c, dtype=self.dtype, kernel_init=torch_default_init, name=name)
+        q, k, v = dense("to_q")(y), dense("to_k")(y), dense("to_v")(y)
+        out = jax.nn.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None])[:, :, 0]
+        return x + dense("to_out_0")(out).reshape(b, h, w, c)
+
+
+class MidBlock(nn.Module):
+    channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = ResnetBlock(self.channels, self.dtype, name="resnets_0")(x)
+        x = Attention(self.dtype, name="attentions_0")(x)
+        return ResnetBlock(self.channels, self.dtype, name="resnets_1")(x)
+
+
+class Downsample(nn.Module):
+    """Zero pad bottom/right by one, then Conv3x3 stride 2 (no symmetric padding)."""
+    channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        return _conv(self.channels, 3, "conv", self.dtype, stride=2, padding=((0, 1), (0, 1)))(x)
+
+
+class Upsample(nn.Module):
+    """Nearest x2, then Conv3x3."""
+    channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return _conv(self.channels, 3, "conv", self.dtype)(x)
+
+
+class Encoder(nn.Module):
+    config: AutoencoderConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """(B, H, W, in) -> moments (B, H/f, W/f, 2 * z_channels)."""
+        cfg = self.config
+        h = _conv(cfg.ch, 3, "conv_in", self.dtype)(x.astype(self.dtype))
+        for i, mult in enumerate(cfg.ch_mult):
+            for j in range(cfg.num_res_blocks):
+                h = ResnetBlock(cfg.ch * mult, self.dtype, name=f"down_blocks_{i}_resnets_{j}")(h)
+            if i < len(cfg.ch_mult) - 1:
+                h = Downsample(cfg.ch * mult, self.dtype, name=f"down_blocks_{i}_downsamplers_0")(h)
+        h = MidBlock(cfg.ch * cfg.ch_mult[-1], self.dtype, name="mid_block")(h)
+        h = nn.silu(_norm("conv_norm_out", self.dtype)(h))
+        return _conv(2 * cfg.z_channels, 3, "conv_out", self.dtype)(h)
+
+
+class Decoder(nn.Module):
+    config: AutoencoderConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: Array) -> Array:
+        """(B, h, w, z_channels) -> (B, h*f, w*f, out)."""
+        cfg = self.config
+        h = _conv(cfg.ch * cfg.ch_mult[-1], 3, "conv_in", self.dtype)(z.astype(self.dtype))
+        h = MidBlock(cfg.ch * cfg.ch_mult[-1], self.dtype, name="mid_block")(h)
+        for i, mult in enumerate(reversed(cfg.ch_mult)):  # up_blocks_0 is the deepest level
+            for j in range(cfg.num_res_blocks + 1):
+                h = ResnetBlock(cfg.ch * mult, self.dtype, name=f"up_blocks_{i}_resnets_{j}")(h)
+            if i < len(cfg.ch_mult) - 1:
+                h = Upsample(cfg.ch * mult, self.dtype, name=f"up_blocks_{i}_upsamplers_0")(h)
+        h = nn.silu(_norm("conv_norm_out", self.dtype)(h))
+        return _conv(cfg.out_channels, 3, "conv_out", self.dtype)(h)
+
+
+class AutoencoderKL(nn.Module):
+    """`encode(x) -> (mean, logvar)`, `decode(z) -> x`; raw latents (no scale or shift)."""
+    config: AutoencoderConfig = AutoencoderConfig()
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        self.encoder = Encoder(cfg, self.dtype)
+        self.decoder = Decoder(cfg, self.dtype)
+        conv1x1 = lambda c: nn.Conv(c, (1, 1), dtype=self.dtype, kernel_init=torch_default_init)
+        if cfg.use_quant_conv:
+            self.quant_conv = conv1x1(2 * cfg.z_channels)
+        if cfg.use_post_quant_conv:
+            self.post_quant_conv = conv1x1(cfg.z_channels)
+
+    def encode(self, x: Array) -> tuple[Array, Array]:
+        """Images (B, H, W, 3) in [-1, 1] -> posterior mean and clipped logvar, float32."""
+        moments = self.encoder(x)
+        if self.config.use_quant_conv:
+            moments = self.quant_conv(moments)
+        mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+        return mean, jnp.clip(logvar, *LOGVAR_RANGE)
+
+    def decode(self, z: Array) -> Array:
+        """Raw latents (B, h, w, C) -> images (B, 8h, 8w, 3), float32 (not clipped)."""
+        if self.config.use_post_quant_conv:
+            z = self.post_quant_conv(z.astype(self.dtype))
+        return self.decoder(z).astype(jnp.float32)
+
+    def __call__(self, x: Array) -> Array:
+        """Reconstruction through the posterior mode (used to initialise every parameter)."""
+        return self.decode(self.encode(x)[0])
+
+
+# ------------------------------------------------------------------------ the posterior
+def posterior_mode(mean: Array, logvar: Array) -> Array:
+    del logvar
+    return mean
+
+
+def posterior_sample(mean: Array, logvar: Array, rng: jax.Array) -> Array:
+    """z = mean + exp(logvar / 2) * eps, eps ~ N(0, I)."""
+    return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+
+
+def init_params(model: AutoencoderKL, rng: jax.Array, image_size: int | None = None) -> Any:
+    """Randomly initialised params (torch's default init), traced at a small image size."""
+    size = image_size or model.config.downsample_factor
+    x = jnp.zeros((1, size, size, model.config.in_channels), jnp.float32)
+    return model.init(rng, x)["params"]
+
+
+def param_shapes(model: AutoencoderKL) -> Any:
+    """The params as a tree of `jax.ShapeDtypeStruct` (nothing is computed)."""
+    size = model.config.downsample_factor
+    x = jax.ShapeDtypeStruct((1, size, size, model.config.in_channels), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+
+
+def count(shapes: Any, prefixes: Sequence[str] = ()) -> int:
+    """Number of parameters (in the subtrees named by `prefixes`, or all)."""
+    tree = {k: v for k, v in shapes.items() if not prefixes or k in prefixes}
+    return sum(int(x.size) for x in jax.tree.leaves(tree))
