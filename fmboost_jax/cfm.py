@@ -92,10 +92,11 @@ class CFM:
         """(x0, x1, context) for a batch with `image` and optional precomputed latents."""
         fs = self.first_stage
         images = batch["image"]
-        x1 = batch["latent"] * fs.scale_factor if "latent" in batch else fs.encode(fs_params, images)
+        # Precomputed latents are stored unscaled, as in the reference.
+        scaled = lambda z: (z - fs.shift_factor) * fs.scale_factor
+        x1 = scaled(batch["latent"]) if "latent" in batch else fs.encode(fs_params, images)
         lowres = self.lowres_images(images)
-        lowres_z = (batch["latent_lowres"] * fs.scale_factor if "latent_lowres" in batch
-                    else None)
+        lowres_z = scaled(batch["latent_lowres"]) if "latent_lowres" in batch else None
         x0, context = self.source_and_context(fs_params, lowres, rng, lowres_z=lowres_z,
                                               z_size=x1.shape[1], image_size=images.shape[1])
         x0, x1 = jax.lax.stop_gradient((x0, x1))

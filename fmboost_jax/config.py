@@ -8,18 +8,19 @@ inconsistent settings with a message naming the field, before any work is done.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 
-from fmboost_jax import sharding
+from fmboost_jax import first_stage, sharding
 
 from fmboost_jax.coupling import UPSAMPLING_MODES
 from fmboost_jax.flow import PATHS
 
 SOLVERS = ("dopri5", "euler", "heun", "midpoint", "rk4")
-FIRST_STAGES = {"identity": (1, 3)}  # name -> (downsample factor, latent channels)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -34,8 +35,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.lowres_downsampling = "bilinear"
     c.lowres_antialias = True
 
-    c.first_stage = ml_collections.ConfigDict(dict(name="identity", checkpoint="", channels=3))
-    c.scale_factor = 1.0
+    # The space of the flow: "identity" (pixels) or a VAE ("sd_vae", "sdxl_vae", "sd3_vae",
+    # "flux_vae") whose params `checkpoint` holds (an Orbax dir written by `convert vae`).
+    c.first_stage = ml_collections.ConfigDict(dict(
+        name="identity", checkpoint="", channels=3,
+        random_init=False,             # VAE with random weights instead of a checkpoint (tests)
+        dtype="float32",               # VAE compute dtype
+        ch=0, ch_mult=(), num_res_blocks=0,  # 0/() = the preset's; narrower VAEs for tests
+        tile_size=0, tile_overlap=64,  # encode/decode in blended tiles of this many pixels
+    ))
+    c.scale_factor = 1.0               # latents = (z - shift_factor) * scale_factor
+    c.shift_factor = 0.0
 
     c.coupling = ml_collections.ConfigDict(dict(
         upsampling_mode="psu",
@@ -64,6 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(
         name="skimage_photos",
+        path="",                       # image folder, TFDS data_dir or latent records dir
+        tfds_name="",                  # TFDS dataset name (e.g. "lhq", "faceshq")
         train_photos=(), eval_photos=(),
         num_eval_images=64,
         eval_crop_size=0,              # 0 = high_res_size
@@ -119,14 +131,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
         fail("low_res_size", f"sizes must be positive (low {lo}, high {hi})")
     if hi % lo:
         fail("low_res_size", f"{lo} does not divide high_res_size {hi}")
-    name = config.first_stage.name
-    if name not in FIRST_STAGES and name != "sd_vae":
-        fail("first_stage.name", f"unknown first stage {name!r}")
-    factor, channels = FIRST_STAGES.get(name, (8, 4))
+    fs = config.first_stage
+    name = fs.name
+    if name not in ("identity", *first_stage.VAE_PRESETS):
+        fail("first_stage.name", f"unknown first stage {name!r}; known: 'identity', "
+             f"{', '.join(map(repr, first_stage.VAE_PRESETS))}")
+    if fs.dtype not in ("float32", "bfloat16"):
+        fail("first_stage.dtype", f"must be 'float32' or 'bfloat16', got {fs.dtype!r}")
     if name == "identity":
-        channels = config.first_stage.channels
-        if config.scale_factor != 1.0:
-            fail("scale_factor", "must be 1.0 for the identity first stage")
+        factor, channels, scale, shift = 1, fs.channels, 1.0, 0.0
+    else:
+        vae = first_stage.autoencoder_config(fs)
+        factor, channels = vae.downsample_factor, vae.z_channels
+        scale, shift = vae.scale_factor, vae.shift_factor
+        if fs.tile_size and (fs.tile_size % factor or not 0 <= fs.tile_overlap < fs.tile_size):
+            fail("first_stage.tile_size", f"{fs.tile_size} must be a multiple of {factor} and "
+                 f"larger than first_stage.tile_overlap={fs.tile_overlap}")
+    for field, want in (("scale_factor", scale), ("shift_factor", shift)):
+        if abs(config[field] - want) > 1e-9:
+            fail(field, f"is {config[field]}, but the first stage {name!r} uses {want}")
     if hi % factor:
         fail("high_res_size", f"{hi} is not divisible by the first stage's factor {factor}")
     cp, u = config.coupling, config.unet
@@ -174,5 +197,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ("keep_every", "eval_batch_size"):
         if config[field] < 0:
             fail(field, f"must be >= 0, got {config[field]}")
+    if name != "identity" and not fs.random_init:
+        if not fs.checkpoint:
+            fail("first_stage.checkpoint", first_stage.missing_checkpoint_message("")
+                 .removeprefix("config.first_stage.checkpoint "))
+        if not epath.Path(os.path.expanduser(fs.checkpoint)).exists():
+            fail("first_stage.checkpoint", first_stage.missing_checkpoint_message(fs.checkpoint)
+                 .removeprefix("config.first_stage.checkpoint "))
     if not 0.0 <= config.ema.rate < 1.0:
         fail("ema.rate", f"must lie in [0, 1), got {config.ema.rate}")

@@ -1,0 +1,91 @@
+"""Tiled application of a convolutional network to inputs too large to process at once.
+
+`tiled_apply(fn, x, tile, overlap, scale)` cuts `x` (B, H, W, C) into `tile` x `tile` windows that
+overlap by `overlap` pixels, applies `fn` to one window at a time (a `lax.fori_loop`, so peak
+memory is one window's activations plus the output), and blends the outputs: every output pixel
+is the weighted mean of the windows covering it, with weights that ramp linearly from the edge of
+a window to `overlap * scale` pixels inside it. Neighbouring windows thus hand over smoothly
+instead of meeting at a seam. Used for the VAE at 2048² and above.
+
+Weights: along a side shared with a neighbour, a window's weight is 0 over the outer quarter of
+the overlap (where its padding shows), rises linearly across the middle half, and is 1 beyond;
+sides on the image border keep weight 1. For a network whose receptive field reaches less than
+a quarter of the overlap, tiled and whole outputs are therefore identical; networks with global
+statistics (the VAE's GroupNorms) see per-window statistics, which the cross-fade smooths.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+def tile_starts(size: int, tile: int, overlap: int, align: int = 1) -> list[int]:
+    """Start offsets (multiples of `align`) of windows of `tile` covering [0, size), neighbours
+    sharing at least about `overlap`."""
+    if tile >= size:
+        return [0]
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap must be in [0, tile={tile}), got {overlap}")
+    if (size - tile) % align:
+        raise ValueError(f"size {size} - tile {tile} is not a multiple of {align}")
+    stride = tile - overlap
+    n = -(-(size - tile) // stride) + 1
+    # Spread the windows evenly; the last one ends at `size`.
+    return [align * int(round(i * (size - tile) / (n - 1) / align)) for i in range(n)]
+
+
+def blend_ramps(length: int, overlap: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rise, fall), each (length,): the weights near a window's start and end edges."""
+    i = np.arange(length, dtype=np.float32) + 0.5
+    margin = overlap / 4
+    width = max(overlap - 2 * margin, 1e-6)
+    rise = np.clip((i - margin) / width, 0.0, 1.0)
+    return rise, rise[::-1].copy()
+
+
+def tiled_apply(fn: Callable[[Array], Array], x: Array, tile: int, overlap: int,
+                scale: float, out_channels: int) -> Array:
+    """`fn` applied to overlapping windows of `x` (B, H, W, C) -> (B, H*scale, W*scale, out).
+
+    `fn` maps (B, tile, tile, C) to (B, tile*scale, tile*scale, out_channels); `scale` is 8 for
+    a VAE decoder and 1/8 for its encoder. Inputs no larger than `tile` go through `fn` whole.
+    """
+    b, h, w, _ = x.shape
+    if h <= tile and w <= tile:
+        return fn(x)
+    th, tw = min(tile, h), min(tile, w)
+    align = max(1, int(round(1 / scale)))  # windows of an encoder start on whole latent cells
+    ys, xs = tile_starts(h, th, overlap, align), tile_starts(w, tw, overlap, align)
+    starts = np.array([(y, x_) for y in ys for x_ in xs], np.int32)
+    oh, ow = int(round(th * scale)), int(round(tw * scale))
+    ramps_y, ramps_x = blend_ramps(oh, overlap * scale), blend_ramps(ow, overlap * scale)
+    out_shape = (b, int(round(h * scale)), int(round(w * scale)), out_channels)
+
+    def body(i, carry):
+        acc, norm = carry
+        y0, x0 = starts[i, 0], starts[i, 1]
+        window = jax.lax.dynamic_slice(x, (0, y0, x0, 0), (b, th, tw, x.shape[-1]))
+        oy = (y0 * oh) // th   # exact: starts and tile sizes scale by the same factor
+        ox = (x0 * ow) // tw
+        side = lambda ramps, start, n, total: jnp.minimum(      # 1 on the image's own border
+            jnp.where(start == 0, 1.0, ramps[0]), jnp.where(start + n == total, 1.0, ramps[1]))
+        weight = (side(ramps_y, oy, oh, out_shape[1])[:, None] *
+                  side(ramps_x, ox, ow, out_shape[2])[None, :])[None, :, :, None]
+        y = fn(window).astype(jnp.float32) * weight
+        acc = jax.lax.dynamic_update_slice(
+            acc, jax.lax.dynamic_slice(acc, (0, oy, ox, 0), y.shape) + y, (0, oy, ox, 0))
+        wsum = jax.lax.dynamic_slice(norm, (0, oy, ox, 0), (1, oh, ow, 1)) + weight
+        norm = jax.lax.dynamic_update_slice(norm, wsum, (0, oy, ox, 0))
+        return acc, norm
+
+    starts = jnp.asarray(starts)
+    acc = jnp.zeros(out_shape, jnp.float32)
+    norm = jnp.zeros((1, *out_shape[1:3], 1), jnp.float32)
+    acc, norm = jax.lax.fori_loop(0, starts.shape[0], body, (acc, norm))
+    return acc / norm
