@@ -44,7 +44,7 @@ def get_config(arg: str | None = None):
     c.ema.update(rate=0.999, update_after_step=1000)
 
     c.data.update(name="tfds", tfds_name="lhq", path="~/tensorflow_datasets",
-                  num_eval_images=64)
+                  num_eval_images=64, worker_count=8)
     c.batch_size = 64
     c.total_steps = 300_000
     c.sampling.update(solver="rk4", num_steps=39)     # the reference's validation sampler
@@ -68,7 +68,7 @@ def smoke(c, low_res: int, high_res: int) -> None:
     c.optim.update(lr=1e-3, warmup_steps=2)
     c.ema.update(update_after_step=1)
     c.data.update(name="skimage_photos", train_photos=("astronaut", "coffee"),
-                  eval_photos=("chelsea",), num_eval_images=4)
+                  eval_photos=("chelsea",), num_eval_images=4, worker_count=0)
     c.batch_size, c.total_steps = 4, 3
     c.sampling.update(solver="euler", num_steps=2)
     c.eval_batch_size = 0

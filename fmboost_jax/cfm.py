@@ -89,16 +89,18 @@ class CFM:
 
     def prepare(self, fs_params: PyTree, batch: Mapping[str, Array], rng: jax.Array
                 ) -> tuple[Array, Array, Array | None]:
-        """(x0, x1, context) for a batch with `image` and optional precomputed latents."""
+        """(x0, x1, context) for a batch with `image` and/or precomputed `latent` and
+        `latent_lowres` (unscaled; the PSU latent at the high-res latent size)."""
         fs = self.first_stage
-        images = batch["image"]
+        images = batch.get("image")
         # Precomputed latents are stored unscaled, as in the reference.
         scaled = lambda z: (z - fs.shift_factor) * fs.scale_factor
         x1 = scaled(batch["latent"]) if "latent" in batch else fs.encode(fs_params, images)
-        lowres = self.lowres_images(images)
+        lowres = None if images is None else self.lowres_images(images)
         lowres_z = scaled(batch["latent_lowres"]) if "latent_lowres" in batch else None
+        image_size = x1.shape[1] * fs.downsample_factor
         x0, context = self.source_and_context(fs_params, lowres, rng, lowres_z=lowres_z,
-                                              z_size=x1.shape[1], image_size=images.shape[1])
+                                              z_size=x1.shape[1], image_size=image_size)
         x0, x1 = jax.lax.stop_gradient((x0, x1))
         context = None if context is None else jax.lax.stop_gradient(context)
         return x0, x1, context

@@ -16,6 +16,7 @@ import ml_collections
 from etils import epath
 
 from fmboost_jax import first_stage, sharding
+from fmboost_jax.data import pipeline as data_pipeline
 
 from fmboost_jax.coupling import UPSAMPLING_MODES
 from fmboost_jax.flow import PATHS
@@ -76,6 +77,13 @@ def base_config() -> ml_collections.ConfigDict:
         name="skimage_photos",
         path="",                       # image folder, TFDS data_dir or latent records dir
         tfds_name="",                  # TFDS dataset name (e.g. "lhq", "faceshq")
+        train_split="train", eval_split="validation",   # TFDS splits
+        eval_path="",                  # folder of held-out images ("" : from the source)
+        flip=True,                     # random horizontal flips
+        min_size=-1,                   # skip images whose shorter side is below (-1: high-res size)
+        latent_sample="mode",          # latent records: posterior "mode" or a "sample"
+        worker_count=0,                # decoding processes (0: threads of this process)
+        read_threads=8, prefetch=64,   # grain read threads and prefetched examples
         train_photos=(), eval_photos=(),
         num_eval_images=64,
         eval_crop_size=0,              # 0 = high_res_size
@@ -204,5 +212,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not epath.Path(os.path.expanduser(fs.checkpoint)).exists():
             fail("first_stage.checkpoint", first_stage.missing_checkpoint_message(fs.checkpoint)
                  .removeprefix("config.first_stage.checkpoint "))
+    d = config.data
+    if d.name not in data_pipeline.NAMES:
+        fail("data.name", f"unknown source {d.name!r}; known: {data_pipeline.NAMES}")
+    if d.name == "tfds" and not d.tfds_name:
+        fail("data.tfds_name", "is empty; name the prepared dataset (e.g. 'lhq')")
+    if d.latent_sample not in ("mode", "sample"):
+        fail("data.latent_sample", f"must be 'mode' or 'sample', got {d.latent_sample!r}")
+    for field in ("worker_count", "read_threads", "prefetch", "num_eval_images"):
+        if d[field] < 0:
+            fail(f"data.{field}", f"must be >= 0, got {d[field]}")
+    if config.batch_size % jax.process_count():
+        fail("batch_size", f"{config.batch_size} is not divisible by the {jax.process_count()} "
+             "processes")
     if not 0.0 <= config.ema.rate < 1.0:
         fail("ema.rate", f"must lie in [0, 1), got {config.ema.rate}")

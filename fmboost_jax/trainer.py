@@ -33,7 +33,7 @@ from fmboost_jax import sampling
 from fmboost_jax import sharding as sharding_lib
 from fmboost_jax.cfm import CFM
 from fmboost_jax.coupling import resize
-from fmboost_jax.data import photos
+from fmboost_jax.data import pipeline as data_pipeline
 from fmboost_jax.metric_writer import MetricWriter
 from fmboost_jax.models.unet import count_params
 from fmboost_jax.preemption import PreemptionWatcher
@@ -79,46 +79,6 @@ def check_finite(step: int, metrics: dict[str, Any], latest_checkpoint: int | No
             "intact" if latest_checkpoint is not None else "no checkpoint was written")
     raise FloatingPointError(f"Non-finite training step {step}: loss {loss}, gradient norm "
                              f"{grad_norm}. Stopping; {kept}.")
-
-
-# ------------------------------------------------------------------------ data
-class _PhotoIterator:
-    """The demo's photo crops as an iterator over this process's part of each global batch;
-    its state is the step, since batches are a pure function of (seed, step)."""
-
-    def __init__(self, config: ml_collections.ConfigDict, process_index: int, process_count: int):
-        d = config.data
-        self.crops = photos.PhotoCrops(tuple(d.train_photos), config.high_res_size,
-                                       config.batch_size, config.seed)
-        n = config.batch_size // process_count
-        self.part = slice(process_index * n, (process_index + 1) * n)
-        self.step = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = self.crops.batch(self.step)
-        self.step += 1
-        return {k: v[self.part] for k, v in batch.items()}
-
-    def get_state(self) -> dict[str, int]:
-        return {"step": self.step}
-
-    def set_state(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
-
-
-def create_train_iterator(config, process_index: int, process_count: int, start_step: int):
-    it = _PhotoIterator(config, process_index, process_count)
-    it.set_state({"step": start_step})
-    return it
-
-
-def eval_images(config) -> np.ndarray:
-    d = config.data
-    return photos.eval_crops(tuple(d.eval_photos), d.eval_crop_size or config.high_res_size,
-                             d.num_eval_images)
 
 
 # ------------------------------------------------------------------------ evaluation
@@ -201,8 +161,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     On a preemption notice (SIGTERM) it saves at the next step boundary and returns early with
     `{"preempted": True, "step": ...}`.
     """
-    # ---- Config and workdir: fail before any work is wasted.
+    # ---- Config, data and workdir: fail before any work is wasted.
     config_lib.validate(config)
+    data_pipeline.check_data(config)
     pid, nproc = jax.process_index(), jax.process_count()
     if config.batch_size % nproc:
         raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
@@ -249,10 +210,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start_step = int(state.step)
 
     # ---- Data: this process's part of every global batch; the held-out set.
-    train_iter = create_train_iterator(config, pid, nproc, start_step)
+    if data_state is None and start_step > 0:
+        logging.warning("The checkpoint holds no input-pipeline state for %d processes; the data "
+                        "order restarts (a new shuffle) at step %d.", nproc, start_step)
+    train_iter = data_pipeline.create_train_iterator(
+        config, pid, nproc, start_step=start_step if data_state is None else 0)
     if data_state is not None:
         train_iter.set_state(data_state)
-    evaluator = Evaluator(cfm, config, eval_images(config), mesh)
+    evaluator = Evaluator(cfm, config, data_pipeline.eval_images(config), mesh)
 
     # ---- Update step: compiled once for the global batch's shapes and shardings.
     batch_sharding = sharding_lib.batch_sharding(mesh)

@@ -90,14 +90,14 @@ def test_the_demo_config_runs_end_to_end_from_the_command_line(tmp_path):
 
 def test_a_nan_in_a_batch_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(
         tiny_config, tmp_path, monkeypatch):
-    from fmboost_jax import trainer
-    real = trainer.create_train_iterator
+    from fmboost_jax.data import pipeline
+    real = pipeline.create_train_iterator
 
     class Poisoned:
         """The real iterator, with a NaN pixel in the batch of step 5 (0-based 4)."""
 
-        def __init__(self, *args):
-            self.it = real(*args)
+        def __init__(self, *args, **kwargs):
+            self.it = real(*args, **kwargs)
             self.get_state, self.set_state = self.it.get_state, self.it.set_state
 
         def __next__(self):
@@ -107,7 +107,7 @@ def test_a_nan_in_a_batch_stops_the_run_naming_the_step_and_keeps_the_last_check
                 batch["image"][0, 0, 0, 0] = np.nan
             return batch
 
-    monkeypatch.setattr(trainer, "create_train_iterator", Poisoned)
+    monkeypatch.setattr(pipeline, "create_train_iterator", Poisoned)
     tiny_config.unet.update(channel_mult=(1,), attention_resolutions=())
     tiny_config.checkpoint_every, tiny_config.log_every = 2, 10
     with pytest.raises(FloatingPointError, match=r"Non-finite training step 5: loss nan.*"

@@ -1,0 +1,256 @@
+"""The input pipeline: grain datasets from `config.data`, sharded by process, resumable.
+
+    it = create_train_iterator(config, process_index=0, process_count=1)
+    batch = next(it)          # this process's part of the global batch, numpy arrays
+    state = it.get_state()    # JSON-serialisable; it.set_state(state) resumes exactly there
+
+`config.data.name` picks the source: `folder` (images under `data.path`), `tfds` (a prepared
+TFDS dataset `data.tfds_name` in the data_dir `data.path`), `latents` (records of
+`precompute_latents` in `data.path`) or `skimage_photos` (the demo's photos). Images are decoded,
+their shorter side resized to `high_res_size`, randomly cropped and flipped; files that cannot
+be used are skipped and logged with their path. Each process reads a disjoint shard
+(`dataset[process_index::process_count]`), shuffled by `config.seed` with a new order every
+epoch; `data.worker_count` processes decode in parallel. The low-res input is made on the
+device from the high-res image (`config.lowres_downsampling`, anti-aliased), as the model does
+at sampling time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import numpy as np
+from absl import logging
+
+from fmboost_jax.data import images as images_lib
+from fmboost_jax.data import photos, sources
+
+NAMES = ("skimage_photos", "folder", "tfds", "latents")
+
+
+# ------------------------------------------------------------------------ transforms
+@dataclasses.dataclass
+class DecodeRandomCrop(grain.transforms.RandomMap):
+    """{"bytes", "path"} -> {"image": (S, S, 3) float32 in [-1, 1]}, or None for a bad file."""
+    size: int
+    flip: bool = True
+    min_size: int = 0
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator):
+        path = element["path"]
+        try:
+            img = images_lib.decode_rgb(element["bytes"], path)
+            return {"image": images_lib.random_crop(img, self.size, rng, self.flip, path,
+                                                    self.min_size)}
+        except images_lib.BadImage as err:
+            _skipped(str(err))
+            return None
+
+
+_SKIPPED = [0]
+
+
+def _skipped(message: str) -> None:
+    _SKIPPED[0] += 1
+    logging.warning("Skipping %s (%d skipped by this process so far)", message, _SKIPPED[0])
+
+
+@dataclasses.dataclass
+class LatentsToBatch(grain.transforms.RandomMap):
+    """A latent record -> {"latent", "latent_lowres"} (unscaled), the posterior's mode or a
+    sample of it, plus `image` when stored."""
+    sample: bool = False
+
+    def random_map(self, record: dict[str, np.ndarray], rng: np.random.Generator):
+        def z(mean, logvar):
+            if not self.sample:
+                return mean.astype(np.float32)
+            noise = rng.standard_normal(mean.shape).astype(np.float32)
+            return (mean + np.exp(0.5 * logvar) * noise).astype(np.float32)
+        out = {"latent": z(record["mean"], record["logvar"]),
+               "latent_lowres": z(record["mean_lowres"], record["logvar_lowres"])}
+        if "image" in record:
+            out["image"] = images_lib.to_float(record["image"])
+        return out
+
+
+class IsNotNone(grain.transforms.Filter):
+    def filter(self, element: Any) -> bool:
+        return element is not None
+
+
+# ------------------------------------------------------------------------ sources
+def _folder_split(config: Any) -> tuple[list[str], list[str]]:
+    """(train files, eval files): `data.eval_path` if given, else every k-th file held out."""
+    d = config.data
+    files = sources.list_images(d.path)
+    if d.eval_path:
+        return files, sources.list_images(d.eval_path)
+    n = min(d.num_eval_images, len(files) // 2)
+    held = set(np.linspace(0, len(files) - 1, n).round().astype(int).tolist()) if n else set()
+    return ([f for i, f in enumerate(files) if i not in held],
+            [f for i, f in enumerate(files) if i in held])
+
+
+def image_source(config: Any, train: bool):
+    d = config.data
+    if d.name == "folder":
+        train_files, eval_files = _folder_split(config)
+        return sources.FolderSource(train_files if train else eval_files)
+    if d.name == "tfds":
+        return sources.TfdsSource(d.tfds_name, d.path, d.train_split if train else d.eval_split)
+    raise ValueError(f"config.data.name={d.name!r} has no image source")
+
+
+def min_size(config: Any) -> int:
+    return config.high_res_size if config.data.min_size < 0 else config.data.min_size
+
+
+# ------------------------------------------------------------------------ the training iterator
+class PhotoIterator:
+    """The demo's photo crops: this process's part of each global batch. Batches are a pure
+    function of (seed, step), so the state is the step."""
+
+    def __init__(self, config: Any, process_index: int, process_count: int):
+        d = config.data
+        self.crops = photos.PhotoCrops(tuple(d.train_photos), config.high_res_size,
+                                       config.batch_size, config.seed)
+        n = config.batch_size // process_count
+        self.part = slice(process_index * n, (process_index + 1) * n)
+        self.step = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self.crops.batch(self.step)
+        self.step += 1
+        return {k: v[self.part] for k, v in batch.items()}
+
+    def get_state(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+def train_dataset(config: Any, process_index: int = 0, process_count: int = 1,
+                  seed_offset: int = 0) -> grain.IterDataset:
+    """The grain dataset of this process's batches (infinite)."""
+    d = config.data
+    if d.name == "latents":
+        ds = grain.MapDataset.source(sources.LatentRecordSource(d.path))
+        transform: grain.transforms.RandomMap = LatentsToBatch(sample=d.latent_sample == "sample")
+    else:
+        ds = grain.MapDataset.source(image_source(config, train=True))
+        transform = DecodeRandomCrop(config.high_res_size, d.flip, min_size(config))
+    if len(ds) < process_count:
+        raise ValueError(f"config.data: {len(ds)} examples cannot be shared by {process_count} "
+                         "processes")
+    ds = ds[process_index::process_count]
+    ds = ds.seed(config.seed + seed_offset).shuffle().repeat(None)
+    ds = ds.random_map(transform).filter(IsNotNone())
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=d.read_threads,
+                                              prefetch_buffer_size=d.prefetch))
+    it = it.batch(config.batch_size // process_count, drop_remainder=True)
+    if d.worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
+    return it
+
+
+def create_train_iterator(config: Any, process_index: int = 0, process_count: int = 1,
+                          start_step: int = 0):
+    """An iterator over this process's part of every global batch, with get/set_state.
+
+    `start_step` > 0 without a saved state (a checkpoint written by another number of
+    processes) starts the demo's photos at that step and other sources on a fresh order.
+    """
+    if config.data.name == "skimage_photos":
+        it = PhotoIterator(config, process_index, process_count)
+        it.set_state({"step": start_step})
+        return it
+    if config.data.worker_count > 0:
+        from absl import flags
+        if not flags.FLAGS.is_parsed():   # grain's workers read absl flags
+            flags.FLAGS.mark_as_parsed()
+    return iter(train_dataset(config, process_index, process_count, seed_offset=start_step))
+
+
+# ------------------------------------------------------------------------ evaluation and checks
+def eval_images(config: Any) -> np.ndarray:
+    """The held-out images, center crops (N, S, S, 3) float32 in [-1, 1], S = `eval_crop_size`
+    or the high-res size; the same on every process. Bad files are skipped."""
+    d = config.data
+    size = d.eval_crop_size or config.high_res_size
+    if d.name == "skimage_photos":
+        return photos.eval_crops(tuple(d.eval_photos), size, d.num_eval_images)
+    if d.name == "latents":
+        # Records with images can be evaluated; the image data otherwise.
+        raise_if_no_images = ValueError(
+            "config.data.name='latents': evaluation needs images; set config.data.eval_path to "
+            "a folder of held-out images, or precompute the latents with --store_images")
+        if d.eval_path:
+            src = sources.FolderSource(sources.list_images(d.eval_path))
+        else:
+            recs = sources.LatentRecordSource(d.path)
+            out = []
+            for i in range(min(len(recs), d.num_eval_images)):
+                r = recs[len(recs) - 1 - i]
+                if "image" not in r:
+                    raise raise_if_no_images
+                out.append(images_lib.center_crop(r["image"], size))
+            return np.stack(out)
+    else:
+        src = image_source(config, train=False)
+    out = []
+    for i in range(len(src)):
+        if len(out) == d.num_eval_images:
+            break
+        ex = src[i]
+        try:
+            out.append(images_lib.center_crop(images_lib.decode_rgb(ex["bytes"], ex["path"]), size,
+                                              ex["path"], min_size(config)))
+        except images_lib.BadImage as err:
+            _skipped(str(err))
+    if not out:
+        raise ValueError(f"config.data: no usable held-out image in {getattr(src, 'description', d.path)}")
+    return np.stack(out)
+
+
+def check_data(config: Any, probe: int = 32) -> None:
+    """Fails at start-up, naming the path, if the training data is missing, empty or unusable
+    (none of its first `probe` examples decodes)."""
+    d = config.data
+    if d.name not in NAMES:
+        raise ValueError(f"config.data.name: unknown source {d.name!r}; known: {NAMES}")
+    if d.name == "skimage_photos":
+        photos.PhotoCrops(tuple(d.train_photos), config.high_res_size, 1, 0)
+        return
+    if not d.path:
+        raise ValueError(f"config.data.path is empty: config.data.name={d.name!r} needs it")
+    if d.name == "latents":
+        src = sources.LatentRecordSource(d.path)
+        rec = src[0]
+        missing = {"mean", "logvar", "mean_lowres", "logvar_lowres"} - set(rec)
+        if missing:
+            raise ValueError(f"config.data.path: records in {d.path!r} lack {sorted(missing)}")
+        want = config.high_res_size // 8
+        if rec["mean"].shape[0] != want:
+            raise ValueError(f"config.data.path: latents in {d.path!r} are {rec['mean'].shape[:2]}, "
+                             f"but high_res_size {config.high_res_size} needs {want}x{want}")
+        return
+    src = image_source(config, train=True)
+    errors = []
+    for i in range(min(probe, len(src))):
+        ex = src[i]
+        try:
+            img = images_lib.decode_rgb(ex["bytes"], ex["path"])
+            images_lib.center_crop(img, config.high_res_size, ex["path"], min_size(config))
+            return
+        except images_lib.BadImage as err:
+            errors.append(str(err))
+    where = getattr(src, "description", d.path)
+    raise ValueError(f"config.data: none of the first {len(errors)} images of {where} is usable:\n  "
+                     + "\n  ".join(errors[:5]))

@@ -1,0 +1,125 @@
+"""Random-access sources of training examples for grain.
+
+- `FolderSource`: the image files under a folder, searched recursively, in sorted order;
+- `TfdsSource`: a TFDS dataset prepared as array_record (`fmboost_jax.data.prepare`), read
+  through `tfds.data_source` without TensorFlow, from a local directory or a bucket;
+- `LatentRecordSource`: the records `fmboost_jax.precompute_latents` writes.
+
+Image sources yield `{"bytes": encoded image, "path": name}`; decoding happens in the pipeline,
+so that a bad file is skipped there instead of failing the read.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any, Sequence
+
+import numpy as np
+from flax import serialization
+
+from fmboost_jax.data.images import EXTENSIONS
+
+
+def list_images(folder: str) -> list[str]:
+    """Image files under `folder` (recursively, by extension, case-insensitive), sorted."""
+    folder = os.path.expanduser(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"config.data.path: image folder {folder!r} does not exist")
+    files = [os.path.join(root, f) for root, _, names in os.walk(folder, followlinks=True)
+             for f in names if f.lower().endswith(EXTENSIONS) and not f.startswith(".")]
+    if not files:
+        raise FileNotFoundError(f"config.data.path: no image files ({', '.join(EXTENSIONS)}) "
+                                f"under {folder!r}")
+    return sorted(files)
+
+
+class FolderSource:
+    """Image files of a folder (or an explicit list of files)."""
+
+    def __init__(self, files: Sequence[str]):
+        self.files = list(files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.files[index]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as err:     # unreadable: the decoder reports it with the path
+            data = f"unreadable: {err}".encode()
+        return {"bytes": data, "path": path}
+
+
+def tfds_dir(data_dir: str, name: str) -> str:
+    return os.path.join(os.path.expanduser(data_dir) if "://" not in data_dir else data_dir, name)
+
+
+class TfdsSource:
+    """A split of a prepared TFDS dataset with `image` (encoded bytes) and `name` features."""
+
+    def __init__(self, name: str, data_dir: str, split: str):
+        import tensorflow_datasets as tfds
+        from etils import epath
+        root = epath.Path(tfds_dir(data_dir, name))
+        versions = sorted(p for p in root.glob("*.*.*") if (p / "dataset_info.json").exists()) \
+            if root.exists() else []
+        if not versions:
+            raise FileNotFoundError(
+                f"config.data.path/tfds_name: no prepared TFDS dataset at {root} (make it with "
+                f"`python -m fmboost_jax.data.prepare --dataset={name} --manual_dir=... "
+                f"--data_dir={data_dir}`)")
+        builder = tfds.builder_from_directory(os.fspath(versions[-1]))
+        if split not in builder.info.splits:
+            raise ValueError(f"config.data: TFDS dataset {name!r} has no split {split!r} "
+                             f"(splits: {sorted(builder.info.splits)})")
+        self.source = builder.as_data_source(split=split)
+        self.description = f"{root} [{split}]"
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ex = self.source[index]
+        name = ex.get("name", b"")
+        return {"bytes": ex["image"],
+                "path": f"{self.description}#{index}:{name.decode() if isinstance(name, bytes) else name}"}
+
+
+# ------------------------------------------------------------------------ latent records
+LATENT_GLOB = "latents-*.array_record"
+
+
+def encode_latent_record(record: dict[str, np.ndarray]) -> bytes:
+    return serialization.msgpack_serialize({k: np.asarray(v) for k, v in record.items()})
+
+
+def decode_latent_record(data: bytes) -> dict[str, np.ndarray]:
+    return serialization.msgpack_restore(data)
+
+
+def latent_files(folder: str) -> list[str]:
+    folder = os.path.expanduser(folder)
+    files = sorted(glob.glob(os.path.join(folder, LATENT_GLOB)))
+    if not files:
+        raise FileNotFoundError(f"config.data.path: no latent records ({LATENT_GLOB}) in "
+                                f"{folder!r}; make them with `python -m fmboost_jax.precompute_latents`")
+    return files
+
+
+class LatentRecordSource:
+    """Records with the VAE moments of a high-res image (`mean`, `logvar`) and of its PSU input
+    (`mean_lowres`, `logvar_lowres`), unscaled (B, h, w, C) float32 each; optionally `image`."""
+
+    def __init__(self, folder: str):
+        import grain
+        self.files = latent_files(folder)
+        self.source = grain.sources.ArrayRecordDataSource(self.files)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return decode_latent_record(self.source[index])
