@@ -136,6 +136,14 @@ class PhotoIterator:
         self.step = int(state["step"])
 
 
+def process_shard(ds: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
+    """Every `process_count`-th example from `process_index`: disjoint shards covering `ds`."""
+    if len(ds) < process_count:
+        raise ValueError(f"config.data: {len(ds)} examples cannot be shared by {process_count} "
+                         "processes")
+    return ds[process_index::process_count]
+
+
 def train_dataset(config: Any, process_index: int = 0, process_count: int = 1,
                   seed_offset: int = 0) -> grain.IterDataset:
     """The grain dataset of this process's batches (infinite)."""
@@ -146,10 +154,7 @@ def train_dataset(config: Any, process_index: int = 0, process_count: int = 1,
     else:
         ds = grain.MapDataset.source(image_source(config, train=True))
         transform = DecodeRandomCrop(config.high_res_size, d.flip, min_size(config))
-    if len(ds) < process_count:
-        raise ValueError(f"config.data: {len(ds)} examples cannot be shared by {process_count} "
-                         "processes")
-    ds = ds[process_index::process_count]
+    ds = process_shard(ds, process_index, process_count)
     ds = ds.seed(config.seed + seed_offset).shuffle().repeat(None)
     ds = ds.random_map(transform).filter(IsNotNone())
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=d.read_threads,
@@ -187,21 +192,16 @@ def eval_images(config: Any) -> np.ndarray:
     if d.name == "skimage_photos":
         return photos.eval_crops(tuple(d.eval_photos), size, d.num_eval_images)
     if d.name == "latents":
-        # Records with images can be evaluated; the image data otherwise.
-        raise_if_no_images = ValueError(
-            "config.data.name='latents': evaluation needs images; set config.data.eval_path to "
-            "a folder of held-out images, or precompute the latents with --store_images")
-        if d.eval_path:
+        if d.eval_path:                  # held-out images
             src = sources.FolderSource(sources.list_images(d.eval_path))
-        else:
+        else:                            # the images stored in the last records
             recs = sources.LatentRecordSource(d.path)
-            out = []
-            for i in range(min(len(recs), d.num_eval_images)):
-                r = recs[len(recs) - 1 - i]
-                if "image" not in r:
-                    raise raise_if_no_images
-                out.append(images_lib.center_crop(r["image"], size))
-            return np.stack(out)
+            picked = [recs[len(recs) - 1 - i] for i in range(min(len(recs), d.num_eval_images))]
+            if not all("image" in r for r in picked):
+                raise ValueError("config.data.name='latents': evaluation needs images; set "
+                                 "config.data.eval_path to a folder of held-out images, or "
+                                 "precompute the latents with --store_images")
+            return np.stack([images_lib.center_crop(r["image"], size) for r in picked])
     else:
         src = image_source(config, train=False)
     out = []

@@ -93,7 +93,8 @@ LATENT_GLOB = "latents-*.array_record"
 
 
 def encode_latent_record(record: dict[str, np.ndarray]) -> bytes:
-    return serialization.msgpack_serialize({k: np.asarray(v) for k, v in record.items()})
+    return serialization.msgpack_serialize(
+        {k: v if isinstance(v, str) else np.asarray(v) for k, v in record.items()})
 
 
 def decode_latent_record(data: bytes) -> dict[str, np.ndarray]:
