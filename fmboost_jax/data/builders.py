@@ -1,9 +1,9 @@
 """TFDS builders for LHQ, FacesHQ and any image folder, written as array_record without TensorFlow.
 
-Each builder reads the image files a user downloaded by hand (`manual_dir`) and stores them
-unchanged (the encoded bytes, no re-compression) with their relative path, in `train` and
-`validation` splits. Files that cannot be decoded, or whose shorter side is below
-`MIN_SIZE`, are left out and listed in the log. Reading goes through `tfds.data_source`
+Each builder reads the image files a user downloaded by hand (`manual_dir`), checks that each
+decodes (in parallel threads), and stores the usable ones unchanged (the encoded bytes, no
+re-compression) with their relative path, in `train` and `validation` splits. Files that
+cannot be decoded, or whose shorter side is below `MIN_SIZE`, are left out and listed in the log. Reading goes through `tfds.data_source`
 (`fmboost_jax.data.sources.TfdsSource`), locally or from a bucket.
 
 - `lhq`: LHQ (Landscapes HQ, 90,000 photos at 1024²; https://github.com/universome/alis),
@@ -17,6 +17,7 @@ unchanged (the encoded bytes, no re-compression) with their relative path, in `t
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 from typing import Iterator
 
@@ -62,19 +63,34 @@ class _ImageBuilder(tfds.core.GeneratorBasedBuilder):
                 for split, files in self._splits(manual_dir).items()}
 
     def _generate_examples(self, files: list[tuple[str, str]]) -> Iterator[tuple[str, dict]]:
-        skipped = 0
         for path, name in files:
             with open(path, "rb") as f:
-                data = f.read()
-            try:
-                h, w = images_lib.decode_rgb(data, path).shape[:2]
-                if min(h, w) < MIN_SIZE:
-                    raise images_lib.BadImage(f"{path}: {h}x{w} is smaller than {MIN_SIZE}")
-            except images_lib.BadImage as err:
-                skipped += 1
-                logging.warning("Leaving out %s (%d so far)", err, skipped)
-                continue
-            yield name, {"image": data, "name": name}
+                yield name, {"image": f.read(), "name": name}
+
+
+def usable(path: str) -> bool:
+    """Decodes the file fully; False (logged with the reason) if it is bad or too small."""
+    try:
+        with open(path, "rb") as f:
+            h, w = images_lib.decode_rgb(f.read(), path).shape[:2]
+        if min(h, w) < MIN_SIZE:
+            raise images_lib.BadImage(f"{path}: {h}x{w} is smaller than {MIN_SIZE}")
+        return True
+    except (images_lib.BadImage, OSError) as err:
+        logging.warning("Leaving out %s", err)
+        return False
+
+
+def usable_images(root: str) -> list[str]:
+    """The usable image files under `root`, sorted (checked in parallel threads)."""
+    files = list_images(root)
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 4) as pool:
+        keep = list(pool.map(usable, files))
+    good = [f for f, k in zip(files, keep) if k]
+    logging.info("%s: %d usable images, %d left out", root, len(good), len(files) - len(good))
+    if not good:
+        raise ValueError(f"--manual_dir: no usable image under {root}")
+    return good
 
 
 def _named(files: list[str], root: str) -> list[tuple[str, str]]:
@@ -85,7 +101,7 @@ class Lhq(_ImageBuilder):
     """LHQ: 90,000 landscape photos at 1024x1024 (Skorokhodov et al., ALIS)."""
 
     def _splits(self, manual_dir):
-        train, val = split_files(list_images(manual_dir))
+        train, val = split_files(usable_images(manual_dir))
         return {"train": _named(train, manual_dir), "validation": _named(val, manual_dir)}
 
 
@@ -99,7 +115,7 @@ class Faceshq(_ImageBuilder):
             if not os.path.isdir(root):
                 raise FileNotFoundError(f"--manual_dir: FacesHQ needs {root}/ (and the other of "
                                         "celebahq/, ffhq/) holding the 1024² images")
-            train, val = split_files(list_images(root))
+            train, val = split_files(usable_images(root))
             out["train"] += _named(train, manual_dir)
             out["validation"] += _named(val, manual_dir)
         return out
@@ -111,9 +127,9 @@ class ImageFolder(_ImageBuilder):
     def _splits(self, manual_dir):
         train_dir, val_dir = os.path.join(manual_dir, "train"), os.path.join(manual_dir, "validation")
         if os.path.isdir(train_dir) and os.path.isdir(val_dir):
-            return {"train": _named(list_images(train_dir), manual_dir),
-                    "validation": _named(list_images(val_dir), manual_dir)}
-        train, val = split_files(list_images(manual_dir))
+            return {"train": _named(usable_images(train_dir), manual_dir),
+                    "validation": _named(usable_images(val_dir), manual_dir)}
+        train, val = split_files(usable_images(manual_dir))
         return {"train": _named(train, manual_dir), "validation": _named(val, manual_dir)}
 
 

@@ -14,7 +14,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".gif")
 
@@ -31,6 +31,8 @@ def decode_rgb(data: bytes, path: str = "<bytes>") -> np.ndarray:
             img = Image.open(io.BytesIO(data))
             img.load()                      # a truncated file fails here
             img = ImageOps.exif_transpose(img)
+    except UnidentifiedImageError:
+        raise BadImage(f"{path}: not a readable image (unknown or corrupt format)") from None
     except Exception as err:               # PIL raises many types for bad files
         raise BadImage(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):          # 16-bit or 32-bit grayscale

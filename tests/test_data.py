@@ -1,0 +1,198 @@
+"""Tests of fmboost_jax/data/: decoding odd files, the grain pipeline on real photos mixed with
+corrupt ones, determinism and resumption, per-process shards, the TFDS builder, start-up checks,
+and precomputed latents feeding the trainer."""
+
+import io
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+import tiny_config
+from fmboost_jax.data import images as images_lib
+from fmboost_jax.data import pipeline, sources
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
+
+
+def _png(array, mode=None) -> bytes:
+    buf = io.BytesIO()
+    (Image.fromarray(array, mode) if mode else Image.fromarray(array)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory):
+    """Six real photos in nested folders, plus odd-but-usable and unusable files."""
+    root = tmp_path_factory.mktemp("photos")
+    (root / "a" / "b").mkdir(parents=True)
+    for i, name in enumerate(PHOTOS):
+        img = getattr(skimage.data, name)()
+        ext = (".jpg", ".png", ".webp")[i % 3]
+        Image.fromarray(img[..., :3]).save(root / ("a" if i % 2 else "a/b") / f"{name}{ext}")
+    Image.fromarray(skimage.data.camera()).save(root / "gray.png")                 # grayscale
+    Image.fromarray(skimage.data.coins()).convert("CMYK").save(root / "cmyk.jpg")   # CMYK
+    (root / "sixteen.png").write_bytes(_png((skimage.data.moon().astype(np.uint16) * 257)))
+    rgba = np.dstack([skimage.data.astronaut(), np.full((512, 512), 128, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(root / "alpha.png")                          # alpha
+    (root / "notes.txt").write_text("not an image, not listed")
+    (root / "fake.jpg").write_bytes(b"this is not a jpeg")                           # non-image
+    full = (root / "a" / "astronaut.png").read_bytes() if (root / "a" / "astronaut.png").exists() \
+        else _png(skimage.data.astronaut())
+    (root / "truncated.png").write_bytes(full[: len(full) // 3])                     # truncated
+    Image.fromarray(skimage.data.astronaut()[:40, :40]).save(root / "tiny.png")     # too small
+    return root
+
+
+def config_for(path, **data):
+    c = tiny_config.get_config()
+    c.data.update(**{"name": "folder", "path": str(path), "num_eval_images": 2, **data})
+    c.high_res_size, c.low_res_size, c.batch_size = 64, 16, 4
+    return c
+
+
+def test_odd_images_are_converted_and_bad_ones_rejected_with_their_path(photo_folder):
+    read = lambda name: images_lib.decode_rgb((photo_folder / name).read_bytes(), name)
+    for name in ("gray.png", "cmyk.jpg", "sixteen.png", "alpha.png"):
+        img = read(name)
+        assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3, name
+    assert abs(int(read("sixteen.png").astype(int).max()) - int(skimage.data.moon().max())) <= 1
+    alpha = read("alpha.png").astype(int)      # composited on white at 50% opacity
+    expected = (skimage.data.astronaut().astype(int) * 128 + 255 * 127) // 255
+    assert np.abs(alpha - expected).max() <= 2
+    for name in ("fake.jpg", "truncated.png"):
+        with pytest.raises(images_lib.BadImage, match=name):
+            read(name)
+    with pytest.raises(images_lib.BadImage, match="tiny.png: 40x40 is smaller than"):
+        images_lib.center_crop(read("tiny.png"), 64, "tiny.png", min_size=64)
+
+
+def test_the_folder_pipeline_skips_bad_files_and_gives_batches_of_crops(photo_folder, caplog):
+    files = sources.list_images(photo_folder)
+    assert len(files) == 13 and not any(f.endswith(".txt") for f in files)
+    config = config_for(photo_folder)
+    pipeline.check_data(config)
+    it = pipeline.create_train_iterator(config)
+    batches = [next(it) for _ in range(6)]           # > 2 epochs of the 11 training files
+    for b in batches:
+        assert b["image"].shape == (4, 64, 64, 3) and b["image"].dtype == np.float32
+        assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0
+    skipped = " ".join(r.getMessage() for r in caplog.records)
+    assert "fake.jpg" in skipped or "truncated.png" in skipped or "tiny.png" in skipped
+    evals = pipeline.eval_images(config)     # 2 files held out; a bad one is skipped
+    assert 1 <= evals.shape[0] <= 2 and evals.shape[1:] == (64, 64, 3)
+
+
+def test_same_seed_same_batches_and_a_restored_state_continues_exactly(photo_folder):
+    config = config_for(photo_folder)
+    a, b = pipeline.create_train_iterator(config), pipeline.create_train_iterator(config)
+    for _ in range(3):
+        np.testing.assert_array_equal(next(a)["image"], next(b)["image"])
+    state = json.loads(json.dumps(a.get_state()))       # as the checkpoint stores it
+    expected = [next(a)["image"] for _ in range(3)]
+    resumed = pipeline.create_train_iterator(config)
+    resumed.set_state(state)
+    for e in expected:
+        np.testing.assert_array_equal(next(resumed)["image"], e)
+    config.seed = 1
+    other = pipeline.create_train_iterator(config)
+    assert not np.array_equal(next(other)["image"], next(pipeline.create_train_iterator(
+        config_for(photo_folder)))["image"])
+
+
+def test_process_shards_are_disjoint_and_cover_the_data(photo_folder):
+    import grain
+    src = sources.FolderSource(sources.list_images(photo_folder))
+    ds = grain.MapDataset.source(src)
+    shards = [[ex["path"] for ex in pipeline.process_shard(ds, i, 3)] for i in range(3)]
+    flat = [p for s in shards for p in s]
+    assert len(flat) == len(set(flat)) == len(src)
+    assert sorted(flat) == sorted(src.files)
+    config = config_for(photo_folder)
+    parts = [next(pipeline.create_train_iterator(config, i, 2))["image"] for i in range(2)]
+    assert parts[0].shape == (2, 64, 64, 3) and not np.array_equal(parts[0], parts[1])
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_kind_of_batches(photo_folder):
+    config = config_for(photo_folder, worker_count=2)
+    it = pipeline.create_train_iterator(config)
+    batch = next(it)
+    assert batch["image"].shape == (4, 64, 64, 3)
+    state = it.get_state()
+    nxt = next(it)["image"]
+    again = pipeline.create_train_iterator(config)
+    again.set_state(state)
+    np.testing.assert_array_equal(next(again)["image"], nxt)
+    it.close(), again.close()
+
+
+def test_bad_paths_and_unusable_folders_fail_at_start_up_naming_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pipeline.check_data(config_for(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no image files"):
+        pipeline.check_data(config_for(tmp_path / "empty"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"x{i}.jpg").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"none of the first \d images of .*bad is usable"):
+        pipeline.check_data(config_for(bad))
+    with pytest.raises(FileNotFoundError, match="no prepared TFDS dataset"):
+        pipeline.check_data(config_for(tmp_path, name="tfds", tfds_name="lhq"))
+
+
+def test_the_tfds_builder_writes_the_usable_photos_and_the_pipeline_reads_them(photo_folder, tmp_path):
+    from fmboost_jax.data.prepare import prepare
+    out = prepare("image_folder", str(photo_folder), str(tmp_path / "tfds"), name="test_photos")
+    assert os.path.isdir(out)
+    train = sources.TfdsSource("test_photos", str(tmp_path / "tfds"), "train")
+    val = sources.TfdsSource("test_photos", str(tmp_path / "tfds"), "validation")
+    # 13 files, 1 for validation; fake, truncated and tiny (< 256 px) are left out.
+    assert len(train) + len(val) == 10 and len(val) == 1
+    names = {train[i]["path"].split(":", 1)[1] for i in range(len(train))}
+    assert "fake.jpg" not in names and "tiny.png" not in names and "cmyk.jpg" in names
+    config = config_for(tmp_path / "tfds", name="tfds", tfds_name="test_photos")
+    pipeline.check_data(config)
+    assert next(pipeline.create_train_iterator(config))["image"].shape == (4, 64, 64, 3)
+    assert pipeline.eval_images(config).shape == (1, 64, 64, 3)
+
+
+@pytest.mark.slow
+def test_precomputed_latents_match_the_vae_and_train_a_few_steps(photo_folder, tmp_path):
+    import importlib.util
+    from fmboost_jax.cfm import CFM
+    from fmboost_jax.precompute_latents import precompute
+    from fmboost_jax.trainer import train_and_evaluate
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("lhq", os.path.join(root, "configs", "lhq.py"))
+    lhq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lhq)
+    config = lhq.get_config("smoke")
+    config.data.update(name="folder", path=str(photo_folder), num_eval_images=2)
+    out = tmp_path / "latents"
+    result = precompute(config, str(out), batch_size=2, chunk_batches=2, store_images=True)
+    assert result["written"] + result["skipped"] == 11 and result["written"] >= 8
+    files = sorted(os.listdir(out))
+    assert files[-1] == "latents_info.json" and len(files) >= 3    # several chunks
+    # Rerunning skips the complete chunks.
+    assert precompute(config, str(out), batch_size=2, chunk_batches=2)["written"] == 0
+    rec = sources.LatentRecordSource(str(out))[0]
+    cfm = CFM.from_config(config)
+    fs = cfm.first_stage
+    params = fs.init_params(jax.random.PRNGKey(0))
+    image = jnp.asarray(images_lib.to_float(rec["image"]))[None]
+    mean, logvar = fs.moments(params, image)
+    np.testing.assert_allclose(rec["mean"], mean[0], atol=1e-4)
+    np.testing.assert_allclose(rec["logvar"], logvar[0], atol=1e-4)
+    assert rec["mean_lowres"].shape == rec["mean"].shape == (8, 8, 4)
+
+    config.data.update(name="latents", path=str(out))
+    final = train_and_evaluate(config, str(tmp_path / "run"))
+    assert final["step"] == 3 and np.isfinite(final["cfm/psnr"])
