@@ -1,0 +1,146 @@
+"""Input-pipeline throughput: can one host feed the training step of configs/lhq.py?
+
+    python benchmarks/bench_data.py                 # 1024² JPEGs and latent records, 0 and 2 workers
+    python benchmarks/bench_data.py --workers 0,4,8 --batches 20
+
+Measures images/s of this process for (a) the image pipeline (grain: read, decode, resize,
+random crop, flip, batch) on 1024² JPEGs made from scikit-image's photos, (b) reading latent
+records (128² x 4 moments, as precompute_latents writes for 1024² images), and (c) the
+anti-aliased low-res down-sampling that the model then runs on the device (here on the CPU).
+It compares them with the rate one host must sustain, from a training step time derived from
+the UNet's FLOPs (README/REFERENCE: ~452 GFLOPs forward per 128² latent, x3 for forward and
+backward) at an assumed model-FLOP utilisation of the chips' dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TRAIN_FLOPS_PER_IMAGE = 3 * 452e9        # fwd + bwd of the released UNet at a 128² latent
+CHIPS = {"H100 (8 per host)": (989e12, 8), "TPU v4 (4 per host)": (275e12, 4),
+         "TPU v5e (8 per host)": (197e12, 8)}
+
+
+def make_jpegs(folder: str, n: int, size: int) -> None:
+    import skimage.data
+    from PIL import Image
+    names = ("astronaut", "chelsea", "coffee", "rocket", "retina", "hubble_deep_field")
+    for i in range(n):
+        img = Image.fromarray(getattr(skimage.data, names[i % len(names)])()[..., :3])
+        scale = size / min(img.size)
+        img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))),
+                         Image.Resampling.BICUBIC)
+        img.save(os.path.join(folder, f"img{i:04d}.jpg"), quality=95)
+
+
+def make_latent_records(folder: str, n: int, latent: int) -> None:
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from fmboost_jax.data.sources import encode_latent_record
+    rng = np.random.default_rng(0)
+    writer = ArrayRecordWriter(os.path.join(folder, "latents-p000000-of-000001-c00000.array_record"),
+                               "group_size:1")
+    for _ in range(n):
+        z = lambda: rng.standard_normal((latent, latent, 4)).astype(np.float32)
+        writer.write(encode_latent_record({"mean": z(), "logvar": z(), "mean_lowres": z(),
+                                           "logvar_lowres": z()}))
+    writer.close()
+
+
+def rate(it, batches: int, batch: int) -> float:
+    next(it)                                  # start-up (workers, first reads)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--images", type=int, default=48, help="JPEG files to make")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batches", type=int, default=12)
+    ap.add_argument("--workers", default="0,2", help="grain worker processes to try")
+    ap.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOP utilisation")
+    args = ap.parse_args()
+
+    from absl import flags
+    flags.FLAGS.mark_as_parsed()
+    import jax
+    import jax.numpy as jnp
+
+    from fmboost_jax.config import base_config
+    from fmboost_jax.coupling import resize
+    from fmboost_jax.data import pipeline
+
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                if l.startswith("model name")), "unknown") if os.path.exists("/proc/cpuinfo") else "?"
+    print(f"machine: cpu='{cpu}' cores={os.cpu_count()} jax={jax.__version__}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        jpegs, recs = os.path.join(tmp, "jpegs"), os.path.join(tmp, "latents")
+        os.makedirs(jpegs), os.makedirs(recs)
+        make_jpegs(jpegs, args.images, args.size)
+        make_latent_records(recs, args.images * 4, args.size // 8)
+        c = base_config()
+        c.high_res_size, c.low_res_size, c.batch_size = args.size, args.size // 2, args.batch
+        c.data.update(name="folder", path=jpegs, num_eval_images=0)
+        results = {}
+        for w in map(int, args.workers.split(",")):
+            c.data.worker_count = w
+            it = pipeline.create_train_iterator(c)
+            results[f"images, {w} workers"] = rate(it, args.batches, args.batch)
+            if hasattr(it, "close"):
+                it.close()
+        c.data.update(name="latents", path=recs, worker_count=0)
+        results["latent records"] = rate(pipeline.create_train_iterator(c), args.batches * 4,
+                                         args.batch)
+        down = jax.jit(lambda x: resize(x, (args.size // 2, args.size // 2), "bilinear", True))
+        x = jnp.zeros((args.batch, args.size, args.size, 3))
+        down(x).block_until_ready()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            down(x).block_until_ready()
+        results["low-res down-sampling (jax, CPU)"] = 3 * args.batch / (time.perf_counter() - t0)
+
+    for name, r in results.items():
+        print(f"{name:34s} {r:8.1f} images/s per process")
+    print(f"\nneeded per host with precomputed latents, training step at {args.mfu:.0%} of the "
+          f"bf16 peak ({TRAIN_FLOPS_PER_IMAGE / 1e12:.2f} TFLOP per image):")
+    for chip, (peak, per_host) in CHIPS.items():
+        need = per_host * peak * args.mfu / TRAIN_FLOPS_PER_IMAGE
+        verdict = "keeps up" if results["latent records"] >= need else \
+            f"needs {need / results['latent records']:.1f}x (more processes or workers)"
+        print(f"  {chip:22s} {need:8.0f} images/s  latent records: {verdict}")
+    # Encoding on the fly runs the VAE encoder twice per image (image and PSU input).
+    from fmboost_jax.first_stage import AutoencoderFirstStage
+    from fmboost_jax.models import autoencoder as ae
+    from fmboost_jax.throughput import flops_of
+    fs = AutoencoderFirstStage(ae.preset("sd"), random_init=True)
+    params = jax.eval_shape(fs.init_params, jax.random.PRNGKey(0))
+    image = jax.ShapeDtypeStruct((1, args.size, args.size, 3), jnp.float32)
+    enc = flops_of(jax.jit(fs.encode).lower(params, image).compile())
+    if enc:
+        per_image = TRAIN_FLOPS_PER_IMAGE + 2 * enc
+        print(f"\nencoding on the fly: the SD encoder costs {enc / 1e12:.2f} TFLOP per {args.size}² "
+              f"image (XLA count), so a step costs {per_image / 1e12:.2f} TFLOP per image:")
+        for chip, (peak, per_host) in CHIPS.items():
+            need = per_host * peak * args.mfu / per_image
+            verdict = "keeps up" if results[f"images, {max(map(int, args.workers.split(',')))} workers"] \
+                >= need else "needs more workers (scale with cores)"
+            print(f"  {chip:22s} {need:8.0f} images/s  image pipeline: {verdict}")
+
+
+if __name__ == "__main__":
+    main()
