@@ -236,6 +236,10 @@ def check_data(config: Any, probe: int = 32) -> None:
         missing = {"mean", "logvar", "mean_lowres", "logvar_lowres"} - set(rec)
         if missing:
             raise ValueError(f"config.data.path: records in {d.path!r} lack {sorted(missing)}")
+        if not d.eval_path and "image" not in rec:
+            raise ValueError(f"config.data: the records in {d.path!r} hold no images to evaluate "
+                             "on; set config.data.eval_path to a folder of held-out images, or "
+                             "precompute with --store_images")
         want = config.high_res_size // 8
         if rec["mean"].shape[0] != want:
             raise ValueError(f"config.data.path: latents in {d.path!r} are {rec['mean'].shape[:2]}, "
