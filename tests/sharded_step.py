@@ -23,7 +23,7 @@ from fmboost_jax.sampling import make_sample_fn  # noqa: E402
 from fmboost_jax.train_state import create_train_state, make_optimizer  # noqa: E402
 from fmboost_jax.trainer import make_train_step  # noqa: E402
 
-STEPS = 3
+STEPS = 2
 
 
 def run(config, mesh):
