@@ -222,8 +222,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ("worker_count", "read_threads", "prefetch", "num_eval_images"):
         if d[field] < 0:
             fail(f"data.{field}", f"must be >= 0, got {d[field]}")
-    if config.batch_size % jax.process_count():
-        fail("batch_size", f"{config.batch_size} is not divisible by the {jax.process_count()} "
-             "processes")
+    if config.batch_size % jax.device_count():
+        fail("batch_size", f"{config.batch_size} is not divisible by the {jax.device_count()} "
+             f"devices ({jax.process_count()} processes) it is split over")
     if not 0.0 <= config.ema.rate < 1.0:
         fail("ema.rate", f"must lie in [0, 1), got {config.ema.rate}")

@@ -165,9 +165,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config_lib.validate(config)
     data_pipeline.check_data(config)
     pid, nproc = jax.process_index(), jax.process_count()
-    if config.batch_size % nproc:
-        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
-                         f"{nproc} processes")
     workpath = epath.Path(workdir)             # a local directory or gs://bucket/...
     if pid == 0:
         workpath.mkdir(parents=True, exist_ok=True)
@@ -176,9 +173,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ---- Mesh: devices of all processes; the batch is split over all of them.
     mesh = sharding_lib.make_mesh(config.mesh)
-    if config.batch_size % mesh.size:
-        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
-                         f"{mesh.size} devices of config.mesh={config.mesh}")
     logging.info("Process %d of %d; mesh %s over %d devices (%s)", pid, nproc,
                  dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
 
@@ -211,8 +205,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ---- Data: this process's part of every global batch; the held-out set.
     if data_state is None and start_step > 0:
-        logging.warning("The checkpoint holds no input-pipeline state for %d processes; the data "
-                        "order restarts (a new shuffle) at step %d.", nproc, start_step)
+        logging.warning("The checkpoint holds no input-pipeline state for %d processes: the "
+                        "input restarts at step %d (shuffled sources on a new order).", nproc,
+                        start_step)
     train_iter = data_pipeline.create_train_iterator(
         config, pid, nproc, start_step=start_step if data_state is None else 0)
     if data_state is not None:

@@ -24,6 +24,18 @@ def test_the_shipped_configs_are_valid(tiny_config):
     config_lib.validate(tiny_config)
 
 
+def test_a_vae_first_stage_checks_its_scale_shift_and_checkpoint(tiny_config):
+    c = tiny_config
+    c.first_stage.update(name="sd3_vae", random_init=True)
+    c.unet.update(in_channels=32, out_channels=16)
+    c.low_res_size, c.high_res_size = 16, 64
+    _assert_invalid(c, "config.scale_factor")                   # still the pixel-space 1.0
+    c.scale_factor, c.shift_factor = 1.5305, 0.0609
+    config_lib.validate(c)
+    c.first_stage.random_init = False
+    _assert_invalid(c, "config.first_stage.checkpoint")         # empty: how to make one
+
+
 def test_an_unknown_field_is_named(tiny_config):
     tiny_config.coupling.nosing_step = 400
     _assert_invalid(tiny_config, "config.coupling.nosing_step")
@@ -56,6 +68,12 @@ def test_context_off_halves_the_expected_input_channels(tiny_config):
     ("dtype", "float16", "config.dtype"),
     ("unet.model_channels", 48, "config.unet.model_channels"),
     ("batch_size", 0, "config.batch_size"),
+    ("mesh", (("data", 3), ("fsdp", 1)), "config.mesh"),
+    ("first_stage.name", "vqgan", "config.first_stage.name"),
+    ("scale_factor", 0.5, "config.scale_factor"),
+    ("data.name", "webdataset", "config.data.name"),
+    ("data.latent_sample", "mean", "config.data.latent_sample"),
+    ("keep_every", -1, "config.keep_every"),
 ])
 def test_invalid_values_are_named(tiny_config, field, value, named):
     obj = tiny_config
