@@ -269,3 +269,24 @@ def test_tiled_vae_coding_runs_tile_by_tile_and_stays_close_to_whole_image_codin
     jumps = jnp.abs(jnp.diff(xt, axis=2)).mean(axis=(0, 1, 3))
     boundaries = [127, 128, 95, 159]
     assert float(jumps[jnp.array(boundaries)].max()) <= 2.0 * float(jnp.median(jumps))
+
+
+@pytest.mark.slow
+def test_the_cli_converts_full_size_sd_checkpoints_of_both_layouts(sd, tmp_path):
+    from safetensors.torch import save_file
+    model, _, _, params = sd
+    diffusers_file = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file(model.state_dict(), diffusers_file)
+    ldm_file = tmp_path / "sd_ae.ckpt"
+    torch.save({"state_dict": {f"first_stage_model.{k}": v for k, v in
+                               ldm_state_dict(model.state_dict(), 4).items()}}, ldm_file)
+    for src in (diffusers_file, ldm_file):
+        dst = tmp_path / f"flax_{src.stem}"
+        proc = subprocess.run([sys.executable, "-m", "fmboost_jax.convert", "vae", f"--src={src}",
+                               f"--dst={dst}"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "wrote 83,653,863 VAE parameters (sd)" in proc.stdout
+        loaded = AutoencoderFirstStage(ae.preset("sd"), checkpoint=str(dst)).init_params(None)
+        for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+            np.testing.assert_array_equal(np.asarray(a), b)

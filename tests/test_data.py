@@ -193,6 +193,51 @@ def test_precomputed_latents_match_the_vae_and_train_a_few_steps(photo_folder, t
     np.testing.assert_allclose(rec["logvar"], logvar[0], atol=1e-4)
     assert rec["mean_lowres"].shape == rec["mean"].shape == (8, 8, 4)
 
+    # Sharded over 2 devices (each process's batch split across them): the same records.
+    import subprocess
+    import sys
+    two = tmp_path / "latents_2dev"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmboost_jax.precompute_latents", "--config=configs/lhq.py:smoke",
+         f"--workdir={two}", "--config.data.name=folder", f"--config.data.path={photo_folder}",
+         "--config.data.num_eval_images=2", "--batch_size=2", "--chunk_batches=2"], cwd=root,
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one_src, two_src = sources.LatentRecordSource(str(out)), sources.LatentRecordSource(str(two))
+    assert len(one_src) == len(two_src)
+    for i in range(len(one_src)):
+        a, b = one_src[i], two_src[i]
+        assert a["name"] == b["name"]
+        np.testing.assert_allclose(a["mean_lowres"], b["mean_lowres"], atol=1e-5)
+
     config.data.update(name="latents", path=str(out))
     final = train_and_evaluate(config, str(tmp_path / "run"))
     assert final["step"] == 3 and np.isfinite(final["cfm/psnr"])
+
+
+@pytest.mark.slow
+def test_a_resumed_run_on_folder_data_matches_an_uninterrupted_one(photo_folder, tmp_path):
+    """The grain iterator's state travels in the checkpoint: the resumed run reads the same
+    batches, so its parameters equal those of a run without interruption."""
+    import orbax.checkpoint as ocp
+    from fmboost_jax.trainer import train_and_evaluate
+    config = config_for(photo_folder)
+    config.unet.update(channel_mult=(1,), attention_resolutions=())
+    config.high_res_size, config.low_res_size = 32, 8
+    config.total_steps, config.checkpoint_every, config.eval_every = 4, 2, 4
+    train_and_evaluate(config, str(tmp_path / "full"))
+    short = config.copy_and_resolve_references()
+    short.total_steps = 2
+    train_and_evaluate(short, str(tmp_path / "part"))
+    train_and_evaluate(config, str(tmp_path / "part"))
+
+    def params(workdir):
+        mngr = ocp.CheckpointManager(str(workdir / "checkpoints"),
+                                     item_handlers={"state": ocp.StandardCheckpointHandler()})
+        state = mngr.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        mngr.close()
+        return state["params"]
+
+    for a, b in zip(jax.tree.leaves(params(tmp_path / "full")), jax.tree.leaves(params(tmp_path / "part"))):
+        np.testing.assert_array_equal(a, b)
