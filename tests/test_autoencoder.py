@@ -225,6 +225,21 @@ def test_first_stage_scales_and_shifts_and_decode_inverts_it():
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
 
 
+def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_outputs():
+    cfg = ae.preset("sd", ch=32, ch_mult=(1, 2), num_res_blocks=1)
+    f32 = AutoencoderFirstStage(cfg, random_init=True)
+    b16 = AutoencoderFirstStage(cfg, random_init=True, dtype=jnp.bfloat16)
+    params = b16.init_params(jax.random.PRNGKey(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    x = jnp.asarray(photo(32))
+    z32, z16 = jax.jit(f32.encode)(params, x), jax.jit(b16.encode)(params, x)
+    assert z16.dtype == jnp.float32                      # moments come back in float32
+    err = float(jnp.abs(z32 - z16).max()) / float(jnp.abs(z32).max())
+    assert 0 < err < 0.05                                # bfloat16 rounding, no more
+    d32, d16 = jax.jit(f32.decode)(params, z32), jax.jit(b16.decode)(params, z32)
+    assert float(jnp.abs(d32 - d16).max()) / float(jnp.abs(d32).max()) < 0.05
+
+
 def test_a_missing_vae_checkpoint_is_an_error_naming_the_field_and_the_fix():
     fs = AutoencoderFirstStage(ae.preset("sd"), checkpoint="/nonexistent/vae")
     with pytest.raises(FileNotFoundError, match=r"(?s)first_stage.checkpoint '/nonexistent/vae' does "
