@@ -152,6 +152,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         vae = first_stage.autoencoder_config(fs)
         factor, channels = vae.downsample_factor, vae.z_channels
         scale, shift = vae.scale_factor, vae.shift_factor
+        if any((vae.ch * m) % 32 for m in vae.ch_mult):
+            fail("first_stage.ch", f"{vae.ch} x ch_mult {vae.ch_mult} must be multiples of 32 "
+                 "(the VAE's GroupNorms use 32 groups)")
         if fs.tile_size and (fs.tile_size % factor or not 0 <= fs.tile_overlap < fs.tile_size):
             fail("first_stage.tile_size", f"{fs.tile_size} must be a multiple of {factor} and "
                  f"larger than first_stage.tile_overlap={fs.tile_overlap}")
