@@ -31,7 +31,10 @@ PyTree = Any
 
 # ------------------------------------------------------------------------ data iterator state
 class DataStateHandler(ocp.CheckpointHandler):
-    """Saves `iterator.get_state()` (JSON-serialisable, or bytes of JSON) of every process."""
+    """Saves `iterator.get_state()` (JSON-serialisable, or bytes of JSON) of every process.
+
+    Unlike grain's own handler it takes any iterator with get/set_state (the demo's photos too)
+    and restores None, instead of failing, when the process count has changed."""
 
     @staticmethod
     def _file(directory: epath.Path) -> epath.Path:

@@ -28,6 +28,7 @@ import time
 import jax
 import numpy as np
 from absl import app, flags, logging
+from array_record.python.array_record_module import ArrayRecordWriter
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm.auto import tqdm
@@ -131,7 +132,6 @@ def precompute(config, workdir: str, split: str = "train", batch_size: int = 0,
         if done:
             bar.update(len(indices))
             continue
-        from array_record.python.array_record_module import ArrayRecordWriter
         tmp = path + ".tmp"
         writer = ArrayRecordWriter(tmp, "group_size:1")
         # The same number of steps on every process: the longest shard's.
