@@ -80,6 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
         train_split="train", eval_split="validation",   # TFDS splits
         eval_path="",                  # folder of held-out images ("" : from the source)
         flip=True,                     # random horizontal flips
+        crop="resize",                 # "resize": shorter side to high_res_size, random crop;
+                                       # "native": random crop at the file's resolution
         min_size=-1,                   # skip images whose shorter side is below (-1: high-res size)
         latent_sample="mode",          # latent records: posterior "mode" or a "sample"
         worker_count=0,                # decoding processes (0: threads of this process)
@@ -220,6 +222,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         fail("data.name", f"unknown source {d.name!r}; known: {data_pipeline.NAMES}")
     if d.name == "tfds" and not d.tfds_name:
         fail("data.tfds_name", "is empty; name the prepared dataset (e.g. 'lhq')")
+    if d.crop not in ("resize", "native"):
+        fail("data.crop", f"must be 'resize' or 'native', got {d.crop!r}")
     if d.latent_sample not in ("mode", "sample"):
         fail("data.latent_sample", f"must be 'mode' or 'sample', got {d.latent_sample!r}")
     for field in ("worker_count", "read_threads", "prefetch", "num_eval_images"):

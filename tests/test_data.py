@@ -17,6 +17,7 @@ import tiny_config
 from fmboost_jax.data import images as images_lib
 from fmboost_jax.data import pipeline, sources
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 
 
@@ -70,6 +71,25 @@ def test_odd_images_are_converted_and_bad_ones_rejected_with_their_path(photo_fo
             read(name)
     with pytest.raises(images_lib.BadImage, match="tiny.png: 40x40 is smaller than"):
         images_lib.center_crop(read("tiny.png"), 64, "tiny.png", min_size=64)
+
+
+def test_native_crops_are_exact_windows_and_resized_crops_see_the_whole_photo():
+    yy, xx = np.mgrid[:300, :700]
+    img = np.stack([yy % 256, xx % 256, (yy // 256) * 16 + xx // 256], -1).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        crop = np.round((images_lib.random_crop(img, 64, rng, False, resize=False) + 1) * 127.5)
+        r, g, b = crop[0, 0].astype(int)
+        y, x = (b // 16) * 256 + r, (b % 16) * 256 + g
+        np.testing.assert_array_equal(crop, img[y:y + 64, x:x + 64])
+    # "resize": the shorter side (300) becomes 64, so a crop spans all rows of the photo.
+    ramp = np.repeat((yy * 255 // 299).astype(np.uint8)[..., None], 3, -1)
+    crop = np.round((images_lib.random_crop(ramp, 64, rng, False) + 1) * 127.5)
+    assert crop[0, 0, 0] < 5 and crop[-1, 0, 0] > 250
+    small = images_lib.random_crop(img[:40, :50], 64, rng, True, resize=False)   # up-sized
+    assert small.shape == (64, 64, 3)
+    with pytest.raises(images_lib.BadImage, match="smaller than the minimum side 100"):
+        images_lib.random_crop(img[:90], 64, rng, True, "x.png", min_size=100, resize=False)
 
 
 def test_the_folder_pipeline_skips_bad_files_and_gives_batches_of_crops(photo_folder, caplog):
@@ -132,7 +152,7 @@ def test_worker_processes_give_the_same_kind_of_batches(photo_folder):
     it.close(), again.close()
 
 
-def test_bad_paths_and_unusable_folders_fail_at_start_up_naming_the_path(tmp_path):
+def test_bad_paths_and_unusable_folders_fail_at_start_up_naming_the_path(photo_folder, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         pipeline.check_data(config_for(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
@@ -146,6 +166,11 @@ def test_bad_paths_and_unusable_folders_fail_at_start_up_naming_the_path(tmp_pat
         pipeline.check_data(config_for(bad))
     with pytest.raises(FileNotFoundError, match="no prepared TFDS dataset"):
         pipeline.check_data(config_for(tmp_path, name="tfds", tfds_name="lhq"))
+    with pytest.raises(FileNotFoundError, match="no latent records"):
+        pipeline.check_data(config_for(tmp_path, name="latents"))
+    from fmboost_jax.precompute_latents import precompute
+    with pytest.raises(ValueError, match="first_stage.name='identity'.*needs a VAE"):
+        precompute(config_for(photo_folder), str(tmp_path / "out"))
 
 
 def test_the_tfds_builder_writes_the_usable_photos_and_the_pipeline_reads_them(photo_folder, tmp_path):
@@ -164,55 +189,90 @@ def test_the_tfds_builder_writes_the_usable_photos_and_the_pipeline_reads_them(p
     assert pipeline.eval_images(config).shape == (1, 64, 64, 3)
 
 
-@pytest.mark.slow
-def test_precomputed_latents_match_the_vae_and_train_a_few_steps(photo_folder, tmp_path):
+def lhq_smoke_config(photo_folder):
     import importlib.util
-    from fmboost_jax.cfm import CFM
-    from fmboost_jax.precompute_latents import precompute
-    from fmboost_jax.trainer import train_and_evaluate
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("lhq", os.path.join(root, "configs", "lhq.py"))
+    spec = importlib.util.spec_from_file_location("lhq", os.path.join(ROOT, "configs", "lhq.py"))
     lhq = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lhq)
     config = lhq.get_config("smoke")
     config.data.update(name="folder", path=str(photo_folder), num_eval_images=2)
-    out = tmp_path / "latents"
-    result = precompute(config, str(out), batch_size=2, chunk_batches=2, store_images=True)
-    assert result["written"] + result["skipped"] == 11 and result["written"] >= 8
-    files = sorted(os.listdir(out))
-    assert files[-1] == "latents_info.json" and len(files) >= 3    # several chunks
-    # Rerunning skips the complete chunks.
-    assert precompute(config, str(out), batch_size=2, chunk_batches=2)["written"] == 0
-    rec = sources.LatentRecordSource(str(out))[0]
-    cfm = CFM.from_config(config)
-    fs = cfm.first_stage
-    params = fs.init_params(jax.random.PRNGKey(0))
-    image = jnp.asarray(images_lib.to_float(rec["image"]))[None]
-    mean, logvar = fs.moments(params, image)
-    np.testing.assert_allclose(rec["mean"], mean[0], atol=1e-4)
-    np.testing.assert_allclose(rec["logvar"], logvar[0], atol=1e-4)
-    assert rec["mean_lowres"].shape == rec["mean"].shape == (8, 8, 4)
+    return config
 
-    # Sharded over 2 devices (each process's batch split across them): the same records.
+
+# Run on 2 devices: precompute, then delete the second chunk and its done marker and run again.
+PRECOMPUTE_TWICE = """
+import json, os, sys
+from absl import flags
+flags.FLAGS.mark_as_parsed()
+sys.path.insert(0, "tests")
+import test_data
+from fmboost_jax.precompute_latents import precompute
+config, out = test_data.lhq_smoke_config(sys.argv[1]), sys.argv[2]
+first = precompute(config, out, batch_size=2, chunk_batches=2)
+os.remove(os.path.join(out, "latents-p000000-of-000001-c00001.array_record"))
+os.remove(os.path.join(out, "done-p000000-of-000001.json"))
+second = precompute(config, out, batch_size=2, chunk_batches=2)
+print(json.dumps([first, second]))
+"""
+
+
+@pytest.mark.slow
+def test_latents_precomputed_on_two_devices_match_the_vae_resume_and_train_a_few_steps(
+        photo_folder, tmp_path, caplog):
     import subprocess
     import sys
-    two = tmp_path / "latents_2dev"
+    from fmboost_jax.cfm import CFM
+    from fmboost_jax.coupling import resize
+    from fmboost_jax.precompute_latents import precompute
+    from fmboost_jax.trainer import train_and_evaluate
+    out = tmp_path / "latents"
     proc = subprocess.run(
-        [sys.executable, "-m", "fmboost_jax.precompute_latents", "--config=configs/lhq.py:smoke",
-         f"--workdir={two}", "--config.data.name=folder", f"--config.data.path={photo_folder}",
-         "--config.data.num_eval_images=2", "--batch_size=2", "--chunk_batches=2"], cwd=root,
+        [sys.executable, "-c", PRECOMPUTE_TWICE, str(photo_folder), str(out)], cwd=ROOT,
         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
         capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    one_src, two_src = sources.LatentRecordSource(str(out)), sources.LatentRecordSource(str(two))
-    assert len(one_src) == len(two_src)
-    for i in range(len(one_src)):
-        a, b = one_src[i], two_src[i]
-        assert a["name"] == b["name"]
-        np.testing.assert_allclose(a["mean_lowres"], b["mean_lowres"], atol=1e-5)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = json.loads(proc.stdout.strip().splitlines()[-1])
+    # 11 training files (astronaut and truncated are held out): fake and tiny are skipped and
+    # logged with their paths, and so is the truncated one among the held-out images.
+    assert first["devices"] == 2 and (first["written"], first["skipped"]) == (9, 2)
+    for name in ("fake.jpg", "truncated.png", "tiny.png"):
+        assert name in proc.stderr
+    assert second["written"] + second["skipped"] == 4      # only the deleted chunk again
+    assert len([f for f in os.listdir(out) if f.endswith(".array_record")]) == 3
 
-    config.data.update(name="latents", path=str(out))
-    final = train_and_evaluate(config, str(tmp_path / "run"))
+    # The records hold the VAE moments of the image and of its PSU input, computed unsharded.
+    config = lhq_smoke_config(photo_folder)
+    recs = sources.LatentRecordSource(str(out))
+    assert len(recs) == 9 and "image" not in recs[0]
+    fs = CFM.from_config(config).first_stage
+    params = fs.init_params(jax.random.PRNGKey(0))
+    cfm = CFM.from_config(config)
+    for i in (0, 5):
+        rec = recs[i]
+        img = images_lib.decode_rgb(open(rec["name"], "rb").read(), rec["name"])
+        x = jnp.asarray(images_lib.center_crop(img, 64))[None]
+        psu = resize(cfm.lowres_images(x), (64, 64), "bilinear")
+        mean, logvar = fs.moments(params, jnp.concatenate([x, psu]))
+        np.testing.assert_allclose(rec["mean"], mean[0], atol=1e-4)
+        np.testing.assert_allclose(rec["logvar"], logvar[0], atol=1e-4)
+        np.testing.assert_allclose(rec["mean_lowres"], mean[1], atol=1e-4)
+        np.testing.assert_allclose(rec["logvar_lowres"], logvar[1], atol=1e-4)
+        assert rec["mean"].shape == (8, 8, 4)
+
+    # Resuming with another layout would mix shards: refused, naming what changed.
+    with pytest.raises(ValueError, match="images_per_chunk: 4 -> 8"):
+        precompute(config, str(out), batch_size=4, chunk_batches=2)
+
+    # Training evaluates on the held-out images written next to the records.
+    latents = config.copy_and_resolve_references()
+    latents.data.update(name="latents", path=str(out))
+    np.testing.assert_array_equal(pipeline.eval_images(latents), pipeline.eval_images(config))
+    os.remove(out / "done-p000000-of-000001.json")
+    pipeline.check_data(latents)
+    assert "incomplete (0 of 1 processes finished)" in caplog.text
+    batch = next(pipeline.create_train_iterator(latents))
+    assert batch["latent"].shape == batch["latent_lowres"].shape == (4, 8, 8, 4)
+    final = train_and_evaluate(latents, str(tmp_path / "run"))
     assert final["step"] == 3 and np.isfinite(final["cfm/psnr"])
 
 

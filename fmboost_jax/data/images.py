@@ -5,7 +5,7 @@ naming the file and the reason. Grayscale, palette, CMYK, 16-bit and alpha image
 converted (alpha composited on white, 16-bit scaled to 8); truncated, unreadable and non-image
 files are rejected. Crops: `random_crop` for training (shorter side resized to the target
 size with an anti-aliased filter, then a random square and an optional horizontal flip) and
-`center_crop` for evaluation. Outputs are float32 in [-1, 1].
+`center_crop` for evaluation; `random_crop(..., resize=False)` crops at the native resolution. Outputs are float32 in [-1, 1].
 """
 
 from __future__ import annotations
@@ -67,9 +67,11 @@ def to_float(img: np.ndarray) -> np.ndarray:
 
 
 def random_crop(img: np.ndarray, size: int, rng: np.random.Generator, flip: bool,
-                path: str = "<image>", min_size: int = 0) -> np.ndarray:
-    """(H, W, 3) uint8 -> (size, size, 3) float32: shorter side to `size`, random square, flip."""
-    img = _resize_shorter(img, size, path, min_size)
+                path: str = "<image>", min_size: int = 0, resize: bool = True) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) float32: shorter side to `size` (with `resize=False`
+    only when it is smaller: crops at the native resolution), random square, random flip."""
+    if resize or min(img.shape[:2]) < max(size, min_size):
+        img = _resize_shorter(img, size, path, min_size)     # raises BadImage when too small
     h, w = img.shape[:2]
     y, x = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
     crop = img[y:y + size, x:x + size]

@@ -7,7 +7,8 @@
 `config.data.name` picks the source: `folder` (images under `data.path`), `tfds` (a prepared
 TFDS dataset `data.tfds_name` in the data_dir `data.path`), `latents` (records of
 `precompute_latents` in `data.path`) or `skimage_photos` (the demo's photos). Images are decoded,
-their shorter side resized to `high_res_size`, randomly cropped and flipped; files that cannot
+their shorter side resized to `high_res_size` (`data.crop="resize"`; "native" crops at the
+file's resolution), randomly cropped and flipped; files that cannot
 be used are skipped and logged with their path. Each process reads a disjoint shard
 (`dataset[process_index::process_count]`), shuffled by `config.seed` with a new order every
 epoch; `data.worker_count` processes decode in parallel. The low-res input is made on the
@@ -37,13 +38,14 @@ class DecodeRandomCrop(grain.transforms.RandomMap):
     size: int
     flip: bool = True
     min_size: int = 0
+    resize: bool = True        # shorter side to `size` first (False: native-resolution crops)
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator):
         path = element["path"]
         try:
             img = images_lib.decode_rgb(element["bytes"], path)
             return {"image": images_lib.random_crop(img, self.size, rng, self.flip, path,
-                                                    self.min_size)}
+                                                    self.min_size, self.resize)}
         except images_lib.BadImage as err:
             _skipped(str(err))
             return None
@@ -153,7 +155,8 @@ def train_dataset(config: Any, process_index: int = 0, process_count: int = 1,
         transform: grain.transforms.RandomMap = LatentsToBatch(sample=d.latent_sample == "sample")
     else:
         ds = grain.MapDataset.source(image_source(config, train=True))
-        transform = DecodeRandomCrop(config.high_res_size, d.flip, min_size(config))
+        transform = DecodeRandomCrop(config.high_res_size, d.flip, min_size(config),
+                                     resize=d.crop == "resize")
     ds = process_shard(ds, process_index, process_count)
     ds = ds.seed(config.seed + seed_offset).shuffle().repeat(None)
     ds = ds.random_map(transform).filter(IsNotNone())
@@ -194,14 +197,8 @@ def eval_images(config: Any) -> np.ndarray:
     if d.name == "latents":
         if d.eval_path:                  # held-out images
             src = sources.FolderSource(sources.list_images(d.eval_path))
-        else:                            # the images stored in the last records
-            recs = sources.LatentRecordSource(d.path)
-            picked = [recs[len(recs) - 1 - i] for i in range(min(len(recs), d.num_eval_images))]
-            if not all("image" in r for r in picked):
-                raise ValueError("config.data.name='latents': evaluation needs images; set "
-                                 "config.data.eval_path to a folder of held-out images, or "
-                                 "precompute the latents with --store_images")
-            return np.stack([images_lib.center_crop(r["image"], size) for r in picked])
+        else:
+            return _latent_eval_images(d, size)
     else:
         src = image_source(config, train=False)
     out = []
@@ -217,6 +214,24 @@ def eval_images(config: Any) -> np.ndarray:
     if not out:
         raise ValueError(f"config.data: no usable held-out image in {getattr(src, 'description', d.path)}")
     return np.stack(out)
+
+
+def _latent_eval_images(d: Any, size: int) -> np.ndarray:
+    """Held-out images that precompute_latents stored next to the records, else (with a
+    warning: they are training images) the images stored in the last records."""
+    held_out = sources.latent_eval_file(d.path)
+    if held_out is not None:
+        stored = np.load(held_out)[:d.num_eval_images]
+        return np.stack([images_lib.center_crop(img, size) for img in stored])
+    recs = sources.LatentRecordSource(d.path)
+    picked = [recs[len(recs) - 1 - i] for i in range(min(len(recs), d.num_eval_images))]
+    if not all("image" in r for r in picked):
+        raise ValueError(f"config.data.path: {d.path!r} holds neither held-out images "
+                         f"({sources.LATENT_EVAL_FILE}) nor records with images to evaluate on; "
+                         "set config.data.eval_path to a folder of held-out images")
+    logging.warning("Evaluating on the images of the last %d latent records (training images): "
+                    "set config.data.eval_path for held-out ones", len(picked))
+    return np.stack([images_lib.center_crop(r["image"], size) for r in picked])
 
 
 def check_data(config: Any, probe: int = 32) -> None:
@@ -236,10 +251,14 @@ def check_data(config: Any, probe: int = 32) -> None:
         missing = {"mean", "logvar", "mean_lowres", "logvar_lowres"} - set(rec)
         if missing:
             raise ValueError(f"config.data.path: records in {d.path!r} lack {sorted(missing)}")
-        if not d.eval_path and "image" not in rec:
-            raise ValueError(f"config.data: the records in {d.path!r} hold no images to evaluate "
-                             "on; set config.data.eval_path to a folder of held-out images, or "
-                             "precompute with --store_images")
+        if not d.eval_path and "image" not in rec and sources.latent_eval_file(d.path) is None:
+            raise ValueError(f"config.data: {d.path!r} holds no images to evaluate on (neither "
+                             f"{sources.LATENT_EVAL_FILE} nor images in the records); set "
+                             "config.data.eval_path to a folder of held-out images, or "
+                             "precompute again with --store_images")
+        incomplete = sources.latent_records_incomplete(d.path)
+        if incomplete:
+            logging.warning("config.data.path: %s", incomplete)
         want = config.high_res_size // 8
         if rec["mean"].shape[0] != want:
             raise ValueError(f"config.data.path: latents in {d.path!r} are {rec['mean'].shape[:2]}, "

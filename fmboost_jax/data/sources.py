@@ -12,6 +12,7 @@ so that a bad file is skipped there instead of failing the read.
 from __future__ import annotations
 
 import glob
+import json
 import os
 from typing import Any, Sequence
 
@@ -90,6 +91,7 @@ class TfdsSource:
 
 # ------------------------------------------------------------------------ latent records
 LATENT_GLOB = "latents-*.array_record"
+LATENT_INFO_FILE, LATENT_EVAL_FILE = "latents_info.json", "eval_images.npy"
 
 
 def encode_latent_record(record: dict[str, np.ndarray]) -> bytes:
@@ -108,6 +110,28 @@ def latent_files(folder: str) -> list[str]:
         raise FileNotFoundError(f"config.data.path: no latent records ({LATENT_GLOB}) in "
                                 f"{folder!r}; make them with `python -m fmboost_jax.precompute_latents`")
     return files
+
+
+def latent_eval_file(folder: str) -> str | None:
+    """The held-out images precompute_latents wrote next to the records, if any."""
+    path = os.path.join(os.path.expanduser(folder), LATENT_EVAL_FILE)
+    return path if os.path.exists(path) else None
+
+
+def latent_records_incomplete(folder: str) -> str:
+    """'' when every process of the precompute run has finished, else what is missing."""
+    folder = os.path.expanduser(folder)
+    info_path = os.path.join(folder, LATENT_INFO_FILE)
+    if not os.path.exists(info_path):
+        return ""
+    with open(info_path) as f:
+        n = json.load(f)["processes"]
+    done = glob.glob(os.path.join(folder, f"done-p*-of-{n:06d}.json"))
+    if len(done) == n:
+        return ""
+    return (f"the latent records in {folder!r} are incomplete ({len(done)} of {n} processes "
+            "finished); training reads the part written so far. Rerun precompute_latents to "
+            "finish them.")
 
 
 class LatentRecordSource:
