@@ -5,8 +5,9 @@
 
 Measures images/s of this process for (a) the image pipeline (grain: read, decode, resize,
 random crop, flip, batch) on 1024² JPEGs made from scikit-image's photos, (b) reading latent
-records (128² x 4 moments, as precompute_latents writes for 1024² images), and (c) the
-anti-aliased low-res down-sampling that the model then runs on the device (here on the CPU).
+records (128² x 4 moments, as precompute_latents writes for 1024² images), (c) the
+anti-aliased low-res down-sampling that the model then runs on the device (here on the CPU),
+and (d) (a) and (c) in one loop, with the best worker count of (a).
 It compares them with the rate one host must sustain, from a training step time derived from
 the UNet's FLOPs (README/REFERENCE: ~452 GFLOPs forward per 128² latent, x3 for forward and
 backward) at an assumed model-FLOP utilisation of the chips' dense bf16 peak.
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TRAIN_FLOPS_PER_IMAGE = 3 * 452e9        # fwd + bwd of the released UNet at a 128² latent
+LHQ_BATCH = 64                           # configs/lhq.py
 CHIPS = {"H100 (8 per host)": (989e12, 8), "TPU v4 (4 per host)": (275e12, 4),
          "TPU v5e (8 per host)": (197e12, 8)}
 
@@ -63,6 +65,24 @@ def rate(it, batches: int, batch: int) -> float:
     for _ in range(batches):
         next(it)
     return batches * batch / (time.perf_counter() - t0)
+
+
+class Lowres:
+    """Batches of an iterator with their low-res images computed (and waited for)."""
+
+    def __init__(self, it, down):
+        self.it, self.down = it, down
+
+    def __next__(self):
+        batch = next(self.it)
+        batch["lowres"] = self.down(batch["image"]).block_until_ready()
+        return batch
+
+
+def best_workers(results: dict[str, float]) -> int:
+    rates = {int(k.split(", ")[1].split()[0]): v for k, v in results.items()
+             if k.startswith("images, ")}
+    return max(rates, key=rates.get)
 
 
 def main() -> None:
@@ -117,17 +137,29 @@ def main() -> None:
         for _ in range(3):
             down(x).block_until_ready()
         results["low-res down-sampling (jax, CPU)"] = 3 * args.batch / (time.perf_counter() - t0)
+        # The whole image path in one loop, the down-sampling on this CPU as well (training
+        # runs it on the accelerator).
+        c.data.update(name="folder", path=jpegs, worker_count=best_workers(results))
+        it = pipeline.create_train_iterator(c)
+        with_down = Lowres(it, down)
+        results[f"images + down-sampling, {c.data.worker_count} workers"] = rate(
+            with_down, args.batches, args.batch)
+        if hasattr(it, "close"):
+            it.close()
 
     for name, r in results.items():
-        print(f"{name:34s} {r:8.1f} images/s per process")
-    print(f"\nneeded per host with precomputed latents, training step at {args.mfu:.0%} of the "
-          f"bf16 peak ({TRAIN_FLOPS_PER_IMAGE / 1e12:.2f} TFLOP per image):")
+        print(f"{name:40s} {r:8.1f} images/s per process")
+    print(f"\nAssumed training step of configs/lhq.py (batch {LHQ_BATCH}, released UNet at a 128² "
+          f"latent): {TRAIN_FLOPS_PER_IMAGE / 1e12:.2f} TFLOP per image (452 GFLOPs forward, x3 for "
+          f"forward + backward) at {args.mfu:.0%} of each chip's dense bf16 peak, one host:")
     best = lambda prefix: max(v for k, v in results.items() if k.startswith(prefix))
     for chip, (peak, per_host) in CHIPS.items():
         need = per_host * peak * args.mfu / TRAIN_FLOPS_PER_IMAGE
+        step_ms = 1e3 * LHQ_BATCH / need
         verdict = "keeps up" if best("latent records") >= need else \
             f"needs {need / best('latent records'):.1f}x this machine's rate (more workers/cores)"
-        print(f"  {chip:22s} {need:8.0f} images/s  latent records: {verdict}")
+        print(f"  {chip:22s} step {step_ms:6.1f} ms -> {need:6.0f} images/s; latent records: "
+              f"{verdict}")
     # Encoding on the fly runs the VAE encoder twice per image (image and PSU input).
     from fmboost_jax.first_stage import AutoencoderFirstStage
     from fmboost_jax.models import autoencoder as ae
@@ -144,7 +176,8 @@ def main() -> None:
             need = per_host * peak * args.mfu / per_image
             verdict = "keeps up" if best("images") >= need else \
                 f"needs {need / best('images'):.1f}x this machine's rate (more workers/cores)"
-            print(f"  {chip:22s} {need:8.0f} images/s  image pipeline: {verdict}")
+            print(f"  {chip:22s} step {1e3 * LHQ_BATCH / need:6.1f} ms -> {need:6.0f} images/s; "
+                  f"image pipeline: {verdict}")
 
 
 if __name__ == "__main__":

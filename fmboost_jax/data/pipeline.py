@@ -29,6 +29,7 @@ from fmboost_jax.data import images as images_lib
 from fmboost_jax.data import photos, sources
 
 NAMES = ("skimage_photos", "folder", "tfds", "latents")
+MAX_SKIPPED_FRACTION = 0.99    # of a window of 1000 examples; more is an error
 
 
 # ------------------------------------------------------------------------ transforms
@@ -159,9 +160,13 @@ def train_dataset(config: Any, process_index: int = 0, process_count: int = 1,
                                      resize=d.crop == "resize")
     ds = process_shard(ds, process_index, process_count)
     ds = ds.seed(config.seed + seed_offset).shuffle().repeat(None)
-    ds = ds.random_map(transform).filter(IsNotNone())
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=d.read_threads,
-                                              prefetch_buffer_size=d.prefetch))
+    it = ds.random_map(transform).to_iter_dataset(
+        grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=d.prefetch))
+    # Skipped files are dropped here; a shard with (almost) nothing usable raises instead of
+    # spinning forever (grain checks windows of 1000 examples).
+    it = grain.experimental.WithOptionsIterDataset(
+        it.filter(IsNotNone()),
+        grain.experimental.DatasetOptions(filter_raise_threshold_ratio=MAX_SKIPPED_FRACTION))
     it = it.batch(config.batch_size // process_count, drop_remainder=True)
     if d.worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
@@ -247,6 +252,8 @@ def check_data(config: Any, probe: int = 32) -> None:
         raise ValueError(f"config.data.path is empty: config.data.name={d.name!r} needs it")
     if d.name == "latents":
         src = sources.LatentRecordSource(d.path)
+        if not len(src):
+            raise ValueError(f"config.data.path: the latent records in {d.path!r} are empty")
         rec = src[0]
         missing = {"mean", "logvar", "mean_lowres", "logvar_lowres"} - set(rec)
         if missing:
