@@ -68,7 +68,13 @@ def to_float(img: np.ndarray) -> np.ndarray:
 
 def random_crop(img: np.ndarray, size: int, rng: np.random.Generator, flip: bool,
                 path: str = "<image>", min_size: int = 0, resize: bool = True) -> np.ndarray:
-    """(H, W, 3) uint8 -> (size, size, 3) float32: shorter side to `size` (with `resize=False`
+    """(H, W, 3) uint8 -> (size, size, 3) float32 in [-1, 1]: see `random_crop_uint8`."""
+    return to_float(random_crop_uint8(img, size, rng, flip, path, min_size, resize))
+
+
+def random_crop_uint8(img: np.ndarray, size: int, rng: np.random.Generator, flip: bool,
+                      path: str = "<image>", min_size: int = 0, resize: bool = True) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8: shorter side to `size` (with `resize=False`
     only when it is smaller: crops at the native resolution), random square, random flip."""
     if resize or min(img.shape[:2]) < max(size, min_size):
         img = _resize_shorter(img, size, path, min_size)     # raises BadImage when too small
@@ -77,7 +83,7 @@ def random_crop(img: np.ndarray, size: int, rng: np.random.Generator, flip: bool
     crop = img[y:y + size, x:x + size]
     if flip and rng.random() < 0.5:
         crop = crop[:, ::-1]
-    return to_float(crop)
+    return np.ascontiguousarray(crop)
 
 
 def center_crop(img: np.ndarray, size: int, path: str = "<image>", min_size: int = 0) -> np.ndarray:

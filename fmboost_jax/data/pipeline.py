@@ -8,12 +8,14 @@
 TFDS dataset `data.tfds_name` in the data_dir `data.path`), `latents` (records of
 `precompute_latents` in `data.path`) or `skimage_photos` (the demo's photos). Images are decoded,
 their shorter side resized to `high_res_size` (`data.crop="resize"`; "native" crops at the
-file's resolution), randomly cropped and flipped; files that cannot
-be used are skipped and logged with their path. Each process reads a disjoint shard
+file's resolution), randomly cropped and flipped, and scaled to [-1, 1]; files that cannot be
+used are skipped, counted and logged with their path. Each process reads a disjoint shard
 (`dataset[process_index::process_count]`), shuffled by `config.seed` with a new order every
-epoch; `data.worker_count` processes decode in parallel. The low-res input is made on the
-device from the high-res image (`config.lowres_downsampling`, anti-aliased), as the model does
-at sampling time.
+epoch. `data.read_threads` threads, in `data.worker_count` processes when > 0, decode ahead
+(`data.prefetch` examples); the batches depend on neither, so a run may resume with other
+values. The state is the number of examples this process has consumed. The low-res input is
+made on the device from the high-res image (`config.lowres_downsampling`, bilinear or bicubic,
+anti-aliased), as the model does at sampling time.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ from fmboost_jax.data import images as images_lib
 from fmboost_jax.data import photos, sources
 
 NAMES = ("skimage_photos", "folder", "tfds", "latents")
-MAX_SKIPPED_FRACTION = 0.99    # of a window of 1000 examples; more is an error
+SKIP_WINDOW, MAX_SKIPPED_FRACTION = 1000, 0.99   # more skipped examples in a window: an error
 
 
 # ------------------------------------------------------------------------ transforms
 @dataclasses.dataclass
 class DecodeRandomCrop(grain.transforms.RandomMap):
-    """{"bytes", "path"} -> {"image": (S, S, 3) float32 in [-1, 1]}, or None for a bad file."""
+    """{"bytes", "path"} -> {"image": uint8 (S, S, 3)}, or {"skipped": reason} for a bad file
+    (dropped, counted and logged by the iterator, so that worker processes keep the order)."""
     size: int
     flip: bool = True
     min_size: int = 0
@@ -45,25 +48,16 @@ class DecodeRandomCrop(grain.transforms.RandomMap):
         path = element["path"]
         try:
             img = images_lib.decode_rgb(element["bytes"], path)
-            return {"image": images_lib.random_crop(img, self.size, rng, self.flip, path,
-                                                    self.min_size, self.resize)}
+            return {"image": images_lib.random_crop_uint8(img, self.size, rng, self.flip, path,
+                                                          self.min_size, self.resize)}
         except images_lib.BadImage as err:
-            _skipped(str(err))
-            return None
-
-
-_SKIPPED = [0]
-
-
-def _skipped(message: str) -> None:
-    _SKIPPED[0] += 1
-    logging.warning("Skipping %s (%d skipped by this process so far)", message, _SKIPPED[0])
+            return {"skipped": str(err)}
 
 
 @dataclasses.dataclass
 class LatentsToBatch(grain.transforms.RandomMap):
     """A latent record -> {"latent", "latent_lowres"} (unscaled), the posterior's mode or a
-    sample of it, plus `image` when stored."""
+    sample of it, plus the uint8 `image` when stored."""
     sample: bool = False
 
     def random_map(self, record: dict[str, np.ndarray], rng: np.random.Generator):
@@ -75,13 +69,16 @@ class LatentsToBatch(grain.transforms.RandomMap):
         out = {"latent": z(record["mean"], record["logvar"]),
                "latent_lowres": z(record["mean_lowres"], record["logvar_lowres"])}
         if "image" in record:
-            out["image"] = images_lib.to_float(record["image"])
+            out["image"] = record["image"]
         return out
 
 
-class IsNotNone(grain.transforms.Filter):
-    def filter(self, element: Any) -> bool:
-        return element is not None
+_SKIPPED = [0]
+
+
+def _skipped(message: str) -> None:
+    _SKIPPED[0] += 1
+    logging.warning("Skipping %s (%d skipped by this process so far)", message, _SKIPPED[0])
 
 
 # ------------------------------------------------------------------------ sources
@@ -147,9 +144,10 @@ def process_shard(ds: grain.MapDataset, process_index: int, process_count: int) 
     return ds[process_index::process_count]
 
 
-def train_dataset(config: Any, process_index: int = 0, process_count: int = 1,
-                  seed_offset: int = 0) -> grain.IterDataset:
-    """The grain dataset of this process's batches (infinite)."""
+def train_examples(config: Any, process_index: int = 0, process_count: int = 1,
+                   seed_offset: int = 0) -> grain.MapDataset:
+    """This process's examples, shuffled anew every epoch and transformed, as an infinite
+    MapDataset: example `i` is a pure function of (config, shard, seed, i)."""
     d = config.data
     if d.name == "latents":
         ds = grain.MapDataset.source(sources.LatentRecordSource(d.path))
@@ -159,18 +157,80 @@ def train_dataset(config: Any, process_index: int = 0, process_count: int = 1,
         transform = DecodeRandomCrop(config.high_res_size, d.flip, min_size(config),
                                      resize=d.crop == "resize")
     ds = process_shard(ds, process_index, process_count)
-    ds = ds.seed(config.seed + seed_offset).shuffle().repeat(None)
-    it = ds.random_map(transform).to_iter_dataset(
-        grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=d.prefetch))
-    # Skipped files are dropped here; a shard with (almost) nothing usable raises instead of
-    # spinning forever (grain checks windows of 1000 examples).
-    it = grain.experimental.WithOptionsIterDataset(
-        it.filter(IsNotNone()),
-        grain.experimental.DatasetOptions(filter_raise_threshold_ratio=MAX_SKIPPED_FRACTION))
-    it = it.batch(config.batch_size // process_count, drop_remainder=True)
-    if d.worker_count > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
-    return it
+    return ds.seed(config.seed + seed_offset).shuffle().repeat(None).random_map(transform)
+
+
+class TrainIterator:
+    """Batches of `batch_size` usable examples of `examples`, in order.
+
+    Examples are read by `read_threads` threads, in `worker_count` processes when > 0 (each
+    takes every worker_count-th example and the results are interleaved back in order), so
+    the batches do not depend on the number of threads or workers. Skipped files are dropped
+    here, counted and logged with their reason. The state is the number of examples consumed,
+    `{"position": n}`; `set_state` restarts the reading there.
+    """
+
+    def __init__(self, examples: grain.MapDataset, batch_size: int, read_threads: int,
+                 prefetch: int, worker_count: int, description: str = ""):
+        self.examples, self.batch_size = examples, batch_size
+        self.read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
+        self.worker_count, self.prefetch = worker_count, prefetch
+        self.description = description
+        self.position = 0
+        self._it = None
+        self._window = [0, 0]          # (examples, skipped) of the current window
+
+    def _start(self):
+        ds = self.examples[self.position:].to_iter_dataset(self.read)
+        if self.worker_count > 0:
+            from absl import flags
+            if not flags.FLAGS.is_parsed():   # grain's workers read absl flags
+                flags.FLAGS.mark_as_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self.worker_count,
+                per_worker_buffer_size=max(1, self.prefetch // self.worker_count)))
+        self._it = iter(ds)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:
+            self._start()
+        parts = []
+        while len(parts) < self.batch_size:
+            ex = next(self._it)
+            self.position += 1
+            self._count(skipped="skipped" in ex)
+            if "skipped" in ex:
+                _skipped(ex["skipped"])
+            else:
+                parts.append(ex)
+        batch = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+        if "image" in batch:
+            batch["image"] = images_lib.to_float(batch["image"])
+        return batch
+
+    def _count(self, skipped: bool) -> None:
+        self._window[0] += 1
+        self._window[1] += skipped
+        if self._window[0] == SKIP_WINDOW:
+            if self._window[1] >= MAX_SKIPPED_FRACTION * SKIP_WINDOW:
+                raise ValueError(f"config.data: {self._window[1]} of the last {SKIP_WINDOW} "
+                                 f"examples of {self.description} were unusable (see the log)")
+            self._window = [0, 0]
+
+    def get_state(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self.close()
+        self.position = int(state["position"])
+
+    def close(self) -> None:
+        if self._it is not None and hasattr(self._it, "close"):
+            self._it.close()
+        self._it = None
 
 
 def create_train_iterator(config: Any, process_index: int = 0, process_count: int = 1,
@@ -184,11 +244,10 @@ def create_train_iterator(config: Any, process_index: int = 0, process_count: in
         it = PhotoIterator(config, process_index, process_count)
         it.set_state({"step": start_step})
         return it
-    if config.data.worker_count > 0:
-        from absl import flags
-        if not flags.FLAGS.is_parsed():   # grain's workers read absl flags
-            flags.FLAGS.mark_as_parsed()
-    return iter(train_dataset(config, process_index, process_count, seed_offset=start_step))
+    d = config.data
+    return TrainIterator(train_examples(config, process_index, process_count, start_step),
+                         config.batch_size // process_count, d.read_threads, d.prefetch,
+                         d.worker_count, description=f"{d.name} {d.tfds_name or d.path!r}")
 
 
 # ------------------------------------------------------------------------ evaluation and checks
