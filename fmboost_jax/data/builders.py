@@ -10,7 +10,9 @@ cannot be decoded, or whose shorter side is below `MIN_SIZE`, are left out and l
   any folder layout under `manual_dir`; the last 1% of the sorted files (at most 1,000) are
   the validation split.
 - `faceshq`: FacesHQ = CelebA-HQ + FFHQ at 1024², from `manual_dir/celebahq/` and
-  `manual_dir/ffhq/` (taming-transformers' layout); validation: the last 1% of each.
+  `manual_dir/ffhq/` (taming-transformers' layout: CelebA-HQ as image files or as the `.npy`
+  arrays of the PGGAN tools, (1, 3, H, W) or (H, W, 3) uint8, stored as PNG); validation: the
+  last 1% of each.
 - `image_folder`: any folder; `manual_dir/train/` and `manual_dir/validation/` if present,
   else the last 1% of the files become the validation split.
 """
@@ -18,17 +20,20 @@ cannot be decoded, or whose shorter side is below `MIN_SIZE`, are left out and l
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import os
 from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from PIL import Image
 
 from fmboost_jax.data import images as images_lib
 from fmboost_jax.data.sources import list_images
 
 MIN_SIZE = 256
+EXTENSIONS = images_lib.EXTENSIONS + (".npy",)
 VALIDATION_FRACTION, MAX_VALIDATION = 0.01, 1000
 
 
@@ -44,6 +49,9 @@ class _ImageBuilder(tfds.core.GeneratorBasedBuilder):
     """Encoded images and their names, from files under `manual_dir`."""
     VERSION = tfds.core.Version("1.0.0")
     MANUAL_DOWNLOAD_INSTRUCTIONS = "See fmboost_jax/data/builders.py."
+    # No download checksums to look up: tfds's lookup of the builder's source file needs
+    # `importlib_resources`, which is not one of its dependencies.
+    code_path = None
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -64,15 +72,32 @@ class _ImageBuilder(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, files: list[tuple[str, str]]) -> Iterator[tuple[str, dict]]:
         for path, name in files:
-            with open(path, "rb") as f:
-                yield name, {"image": f.read(), "name": name}
+            yield name, {"image": read_encoded(path), "name": name}
+
+
+def read_encoded(path: str) -> bytes:
+    """The file's bytes; a `.npy` array (CHW or HWC uint8, a leading 1 allowed) as PNG."""
+    if not path.lower().endswith(".npy"):
+        with open(path, "rb") as f:
+            return f.read()
+    try:
+        a = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError) as err:
+        raise images_lib.BadImage(f"{path}: not a readable array ({err})") from None
+    a = a.reshape(a.shape[-3:]) if a.ndim == 4 and a.shape[0] == 1 else a
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+        a = a.transpose(1, 2, 0)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[-1] not in (1, 3):
+        raise images_lib.BadImage(f"{path}: array of {a.dtype} {a.shape} is not a uint8 image")
+    buf = io.BytesIO()
+    Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def usable(path: str) -> bool:
     """Decodes the file fully; False (logged with the reason) if it is bad or too small."""
     try:
-        with open(path, "rb") as f:
-            h, w = images_lib.decode_rgb(f.read(), path).shape[:2]
+        h, w = images_lib.decode_rgb(read_encoded(path), path).shape[:2]
         if min(h, w) < MIN_SIZE:
             raise images_lib.BadImage(f"{path}: {h}x{w} is smaller than {MIN_SIZE}")
         return True
@@ -83,7 +108,11 @@ def usable(path: str) -> bool:
 
 def usable_images(root: str) -> list[str]:
     """The usable image files under `root`, sorted (checked in parallel threads)."""
-    files = list_images(root)
+    try:
+        files = list_images(root, EXTENSIONS)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--manual_dir: {str(err).removeprefix('config.data.path: ')}") \
+            from None
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 4) as pool:
         keep = list(pool.map(usable, files))
     good = [f for f, k in zip(files, keep) if k]

@@ -22,15 +22,15 @@ from flax import serialization
 from fmboost_jax.data.images import EXTENSIONS
 
 
-def list_images(folder: str) -> list[str]:
+def list_images(folder: str, extensions: tuple[str, ...] = EXTENSIONS) -> list[str]:
     """Image files under `folder` (recursively, by extension, case-insensitive), sorted."""
     folder = os.path.expanduser(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"config.data.path: image folder {folder!r} does not exist")
     files = [os.path.join(root, f) for root, _, names in os.walk(folder, followlinks=True)
-             for f in names if f.lower().endswith(EXTENSIONS) and not f.startswith(".")]
+             for f in names if f.lower().endswith(extensions) and not f.startswith(".")]
     if not files:
-        raise FileNotFoundError(f"config.data.path: no image files ({', '.join(EXTENSIONS)}) "
+        raise FileNotFoundError(f"config.data.path: no image files ({', '.join(extensions)}) "
                                 f"under {folder!r}")
     return sorted(files)
 
