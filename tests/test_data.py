@@ -303,6 +303,10 @@ def test_latents_precomputed_on_two_devices_match_the_vae_resume_and_train_a_few
     np.testing.assert_array_equal(pipeline.eval_images(latents), pipeline.eval_images(config))
     os.remove(out / "done-p000000-of-000001.json")
     pipeline.check_data(latents)
+    other = latents.copy_and_resolve_references()
+    other.low_res_size = 16                    # the PSU latents depend on it
+    with pytest.raises(ValueError, match="made with low_res_size=32, but config.low_res_size is 16"):
+        pipeline.check_data(other)
     assert "incomplete (0 of 1 processes finished)" in caplog.text
     batch = next(pipeline.create_train_iterator(latents))
     assert batch["latent"].shape == batch["latent_lowres"].shape == (4, 8, 8, 4)

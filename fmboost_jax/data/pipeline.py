@@ -298,6 +298,29 @@ def _latent_eval_images(d: Any, size: int) -> np.ndarray:
     return np.stack([images_lib.center_crop(r["image"], size) for r in picked])
 
 
+def _check_latent_records(config: Any, rec: dict[str, np.ndarray]) -> None:
+    """The records must come from this config's VAE, sizes and down-sampling."""
+    from fmboost_jax.first_stage import first_stage_from_config
+    d = config.data
+    info = sources.latent_records_info(d.path)
+    made = {"first_stage": config.first_stage.name, "high_res_size": config.high_res_size,
+            "low_res_size": config.low_res_size}
+    for key, want in made.items():
+        if info is not None and key in info and info[key] != want:
+            raise ValueError(f"config.data.path: the latent records in {d.path!r} were made with "
+                             f"{key}={info[key]!r}, but config.{key} is {want!r}; precompute "
+                             "them again for this config")
+    fs = first_stage_from_config(config)
+    size = config.high_res_size // fs.downsample_factor
+    want_shape = (size, size, fs.latent_channels)
+    for key in ("mean", "mean_lowres"):
+        if tuple(rec[key].shape) != want_shape:
+            raise ValueError(f"config.data.path: `{key}` of the latent records in {d.path!r} is "
+                             f"{tuple(rec[key].shape)}, but config.high_res_size "
+                             f"{config.high_res_size} and first_stage {config.first_stage.name!r}"
+                             f" need {want_shape}")
+
+
 def check_data(config: Any, probe: int = 32) -> None:
     """Fails at start-up, naming the path, if the training data is missing, empty or unusable
     (none of its first `probe` examples decodes)."""
@@ -325,10 +348,7 @@ def check_data(config: Any, probe: int = 32) -> None:
         incomplete = sources.latent_records_incomplete(d.path)
         if incomplete:
             logging.warning("config.data.path: %s", incomplete)
-        want = config.high_res_size // 8
-        if rec["mean"].shape[0] != want:
-            raise ValueError(f"config.data.path: latents in {d.path!r} are {rec['mean'].shape[:2]}, "
-                             f"but high_res_size {config.high_res_size} needs {want}x{want}")
+        _check_latent_records(config, rec)
         return
     src = image_source(config, train=True)
     errors = []

@@ -118,14 +118,22 @@ def latent_eval_file(folder: str) -> str | None:
     return path if os.path.exists(path) else None
 
 
+def latent_records_info(folder: str) -> dict[str, Any] | None:
+    """`latents_info.json` of precompute_latents (the layout and settings), if present."""
+    path = os.path.join(os.path.expanduser(folder), LATENT_INFO_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def latent_records_incomplete(folder: str) -> str:
     """'' when every process of the precompute run has finished, else what is missing."""
     folder = os.path.expanduser(folder)
-    info_path = os.path.join(folder, LATENT_INFO_FILE)
-    if not os.path.exists(info_path):
+    info = latent_records_info(folder)
+    if info is None:
         return ""
-    with open(info_path) as f:
-        n = json.load(f)["processes"]
+    n = info["processes"]
     done = glob.glob(os.path.join(folder, f"done-p*-of-{n:06d}.json"))
     if len(done) == n:
         return ""
