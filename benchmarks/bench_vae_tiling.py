@@ -37,7 +37,7 @@ def run_case(args: argparse.Namespace) -> dict:
     cfg = ae.preset(args.preset)
     tile = args.tile if args.mode == "tiled" else 0
     fs = AutoencoderFirstStage(cfg, random_init=True, dtype=DTYPES[args.dtype], tile_size=tile,
-                               tile_overlap=args.overlap)
+                               tile_overlap=args.overlap, tile_shared_stats=bool(args.shared_stats))
     params = fs.init_params(jax.random.PRNGKey(0))
     f = cfg.downsample_factor
     if args.op == "decode":
@@ -50,16 +50,17 @@ def run_case(args: argparse.Namespace) -> dict:
     compiled = fn.lower(params, x).compile()
     compile_s = time.perf_counter() - t0
     times = []
-    for _ in range(args.repeats + 1):       # the first call warms up
+    for _ in range(args.repeats + 1):       # the first call warms up (if repeats > 0)
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(params, x))
         times.append(time.perf_counter() - t0)
+    times = times[1:] or times
     device = jax.devices()[0]
     if device.platform == "cpu":
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     else:
         peak_mb = (device.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**20
-    return {"seconds": min(times[1:]), "compile_s": compile_s, "peak_mb": peak_mb,
+    return {"seconds": min(times), "compile_s": compile_s, "peak_mb": peak_mb,
             "device": f"{device.platform}:{device.device_kind}"}
 
 
@@ -84,7 +85,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--tile", type=int, default=512, help="tile size in pixels")
     ap.add_argument("--overlap", type=int, default=64, help="overlap of neighbouring tiles in pixels")
-    ap.add_argument("--repeats", type=int, default=1, help="timed calls after one warm-up call")
+    ap.add_argument("--shared-stats", type=int, default=1, choices=(0, 1),
+                    help="tiles share estimated GroupNorm statistics (1) or use their own (0)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="timed calls after one warm-up call (0: time the first call)")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per case")
     ap.add_argument("--case", default="", help=argparse.SUPPRESS)  # op:size:mode, in a child
     args = ap.parse_args()
@@ -95,7 +99,8 @@ def main() -> None:
         return
 
     print(f"machine: {machine()}")
-    print(f"preset={args.preset} dtype={args.dtype} tile={args.tile} overlap={args.overlap}")
+    print(f"preset={args.preset} dtype={args.dtype} tile={args.tile} overlap={args.overlap} "
+          f"shared_stats={args.shared_stats} repeats={args.repeats}")
     results = {}
     argv = [a for a in sys.argv[1:]]
     for op in args.ops.split(","):

@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32",               # VAE compute dtype
         ch=0, ch_mult=(), num_res_blocks=0,  # 0/() = the preset's; narrower VAEs for tests
         tile_size=0, tile_overlap=64,  # encode/decode in blended tiles of this many pixels
+        tile_shared_stats=True,        # tiles normalise with the image's estimated statistics
     ))
     c.scale_factor = 1.0               # latents = (z - shift_factor) * scale_factor
     c.shift_factor = 0.0

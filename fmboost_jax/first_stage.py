@@ -63,13 +63,21 @@ class AutoencoderFirstStage:
     """A frozen KL autoencoder (SD, SDXL, SD3, FLUX VAE): latents `(mode - shift) * scale`.
 
     Params come from an Orbax directory written by `python -m fmboost_jax.convert vae`, or are
-    initialised at random when `random_init` (tests and smoke runs). Inputs larger than
-    `tile_size` pixels (0: never) are encoded and decoded in overlapping blended tiles.
+    initialised at random when `random_init` (tests and smoke runs).
+
+    Inputs larger than `tile_size` pixels (0: never) are coded in overlapping, cross-faded tiles
+    (`tiling.py`), in three steps that keep memory at one tile's activations plus the whole
+    image's features at the latent resolution (64x fewer positions than pixels):
+    the network's levels above the latent resolution run tile by tile; the rest (the deepest
+    level, the attention block, the output layers) runs on the whole latent, so attention stays
+    global as in whole-image coding; and with `tile_shared_stats` the tiles' GroupNorms share one
+    estimate of the whole image's statistics, the mean over the tiles of their own (one extra
+    pass over the tiles), instead of each tile normalising with its own as most tiled VAEs do.
     """
 
     def __init__(self, config: autoencoder.AutoencoderConfig, checkpoint: str = "",
                  random_init: bool = False, dtype: Any = jnp.float32, tile_size: int = 0,
-                 tile_overlap: int = 64):
+                 tile_overlap: int = 64, tile_shared_stats: bool = True):
         self.config = config
         self.model = autoencoder.AutoencoderKL(config, dtype)
         self.checkpoint, self.random_init = checkpoint, random_init
@@ -77,6 +85,7 @@ class AutoencoderFirstStage:
         self.downsample_factor = config.downsample_factor
         self.latent_channels = config.z_channels
         self.tile_size, self.tile_overlap = tile_size, tile_overlap
+        self.tile_shared_stats = tile_shared_stats
 
     def init_params(self, rng: jax.Array) -> PyTree:
         if self.checkpoint:
@@ -85,19 +94,39 @@ class AutoencoderFirstStage:
             raise ValueError(missing_checkpoint_message(""))
         return autoencoder.init_params(self.model, rng)
 
-    def _tiled(self, fn, x: Array, scale: float, channels: int, tile: int, overlap: int) -> Array:
-        if self.tile_size <= 0:
-            return fn(x)
-        return tiling.tiled_apply(fn, x, tile, overlap, scale, channels)
+    def _apply(self, params: PyTree, x: Array, method: str, stats: PyTree | None = None) -> Any:
+        variables = {"params": params}
+        if stats is not None:
+            variables[autoencoder.NORM_STATS] = stats
+        return self.model.apply(variables, x, method=getattr(self.model, method))
+
+    def _tiled_pixel_part(self, params: PyTree, x: Array, method: str, tile: int, overlap: int,
+                          scale: float, out_channels: int) -> Array:
+        """`method` (a pixel part) applied in tiles that share GroupNorm statistics."""
+        align = max(1, round(1 / scale))
+        stats = None
+        if self.tile_shared_stats:
+            def measure(window):
+                _, out = self.model.apply({"params": params}, window,
+                                          method=getattr(self.model, method),
+                                          mutable=[autoencoder.MEASURED_NORM_STATS])
+                return out[autoencoder.MEASURED_NORM_STATS]
+            stats = tiling.tiled_mean(measure, x, tile, overlap, align)
+        return tiling.tiled_apply(lambda w: self._apply(params, w, method, stats), x, tile,
+                                  overlap, scale, out_channels)
+
+    def _tiles(self, x: Array, tile: int) -> bool:
+        return 0 < self.tile_size and (x.shape[1] > tile or x.shape[2] > tile)
 
     def moments(self, params: PyTree, images: Array) -> tuple[Array, Array]:
         """Images (B, H, W, 3) in [-1, 1] -> unscaled posterior (mean, logvar), (B, H/8, W/8, C)."""
-        enc = lambda x: jnp.concatenate(
-            self.model.apply({"params": params}, x, method=self.model.encode), axis=-1)
-        f = self.downsample_factor
-        both = self._tiled(enc, images, 1 / f, 2 * self.latent_channels, self.tile_size,
-                           self.tile_overlap)
-        return tuple(jnp.split(both, 2, axis=-1))
+        if not self._tiles(images, self.tile_size):
+            return self._apply(params, images, "encode")
+        cfg = self.config
+        h = self._tiled_pixel_part(params, images, "encode_pixel_part", self.tile_size,
+                                   self.tile_overlap, 1 / self.downsample_factor,
+                                   cfg.ch * cfg.ch_mult[-2])
+        return self._apply(params, h, "encode_latent_part")
 
     def encode(self, params: PyTree, images: Array) -> Array:
         """Images -> scaled latents `(mode - shift) * scale`, no gradient."""
@@ -107,10 +136,12 @@ class AutoencoderFirstStage:
     def decode(self, params: PyTree, latents: Array) -> Array:
         """Scaled latents (B, h, w, C) -> images (B, 8h, 8w, 3) in about [-1, 1]."""
         z = latents / self.scale_factor + self.shift_factor
-        dec = lambda z: self.model.apply({"params": params}, z, method=self.model.decode)
         f = self.downsample_factor
-        return self._tiled(dec, z, f, self.config.out_channels, self.tile_size // f,
-                           self.tile_overlap // f)
+        if not self._tiles(z, self.tile_size // f):
+            return self._apply(params, z, "decode")
+        h = self._apply(params, z, "decode_latent_part")
+        return self._tiled_pixel_part(params, h, "decode_pixel_part", self.tile_size // f,
+                                      self.tile_overlap // f, f, self.config.out_channels)
 
 
 def missing_checkpoint_message(path: str) -> str:
@@ -164,6 +195,7 @@ def first_stage_from_config(config: Any) -> FirstStage:
     if name in VAE_PRESETS:
         return AutoencoderFirstStage(autoencoder_config(fs), checkpoint=fs.checkpoint,
                                      random_init=fs.random_init, dtype=DTYPES[fs.dtype],
-                                     tile_size=fs.tile_size, tile_overlap=fs.tile_overlap)
+                                     tile_size=fs.tile_size, tile_overlap=fs.tile_overlap,
+                                     tile_shared_stats=fs.tile_shared_stats)
     raise ValueError(f"config.first_stage.name: unknown first stage {name!r} "
                      f"(known: 'identity', {', '.join(map(repr, VAE_PRESETS))})")

@@ -10,13 +10,14 @@ instead of meeting at a seam. Used for the VAE at 2048² and above.
 Weights: along a side shared with a neighbour, a window's weight is 0 over the outer quarter of
 the overlap (where its padding shows), rises linearly across the middle half, and is 1 beyond;
 sides on the image border keep weight 1. For a network whose receptive field reaches less than
-a quarter of the overlap, tiled and whole outputs are therefore identical; networks with global
-statistics (the VAE's GroupNorms) see per-window statistics, which the cross-fade smooths.
+a quarter of the overlap, tiled and whole outputs are therefore identical. Networks with global
+statistics (the VAE's GroupNorms) would see per-window statistics; `tiled_mean` averages such
+statistics over the same windows so that all windows can share them.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,31 @@ def blend_ramps(length: int, overlap: int) -> tuple[np.ndarray, np.ndarray]:
     return rise, rise[::-1].copy()
 
 
+def window_starts(x: Array, tile: int, overlap: int, align: int = 1) -> np.ndarray:
+    """(N, 2) top-left corners (y, x) of the windows that `tiled_apply` cuts from `x` (B, H, W, C)."""
+    h, w = x.shape[1:3]
+    ys = tile_starts(h, min(tile, h), overlap, align)
+    xs = tile_starts(w, min(tile, w), overlap, align)
+    return np.array([(y, x_) for y in ys for x_ in xs], np.int32)
+
+
+def tiled_mean(fn: Callable[[Array], Any], x: Array, tile: int, overlap: int,
+               align: int = 1) -> Any:
+    """The mean over the windows of `x` that `tiled_apply` uses of `fn(window)`, a pytree of
+    arrays; one window at a time. (Statistics shared by all windows, e.g. GroupNorm's.)"""
+    b, h, w, c = x.shape
+    th, tw = min(tile, h), min(tile, w)
+    starts = window_starts(x, tile, overlap, align)
+    window = lambda i: jax.lax.dynamic_slice(x, (0, starts[i, 0], starts[i, 1], 0), (b, th, tw, c))
+    starts = jnp.asarray(starts)
+    first = fn(window(0))
+    if starts.shape[0] == 1:
+        return first
+    total = jax.lax.fori_loop(1, starts.shape[0], lambda i, acc: jax.tree.map(
+        jnp.add, acc, fn(window(i))), first)
+    return jax.tree.map(lambda t: t / starts.shape[0], total)
+
+
 def tiled_apply(fn: Callable[[Array], Array], x: Array, tile: int, overlap: int,
                 scale: float, out_channels: int) -> Array:
     """`fn` applied to overlapping windows of `x` (B, H, W, C) -> (B, H*scale, W*scale, out).
@@ -61,8 +87,7 @@ def tiled_apply(fn: Callable[[Array], Array], x: Array, tile: int, overlap: int,
         return fn(x)
     th, tw = min(tile, h), min(tile, w)
     align = max(1, int(round(1 / scale)))  # windows of an encoder start on whole latent cells
-    ys, xs = tile_starts(h, th, overlap, align), tile_starts(w, tw, overlap, align)
-    starts = np.array([(y, x_) for y in ys for x_ in xs], np.int32)
+    starts = window_starts(x, tile, overlap, align)
     oh, ow = int(round(th * scale)), int(round(tw * scale))
     ramps_y, ramps_x = blend_ramps(oh, overlap * scale), blend_ramps(ow, overlap * scale)
     out_shape = (b, int(round(h * scale)), int(round(w * scale)), out_channels)

@@ -16,7 +16,7 @@ import skimage.data
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from fmboost_jax import tiling  # noqa: E402
+from fmboost_jax import convert, tiling  # noqa: E402
 from fmboost_jax.convert import (CheckpointMismatchError, load_torch_state_dict,  # noqa: E402
                                  save_params, vae_params_from_torch)
 from fmboost_jax.first_stage import AutoencoderFirstStage  # noqa: E402
@@ -262,32 +262,64 @@ def test_tiling_is_exact_for_a_network_without_global_statistics():
     assert tiling.tile_starts(512, 256, 64, align=8) == [0, 128, 256]
 
 
+def test_tiled_mean_averages_over_the_windows_of_tiled_apply():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 48, 32, 3))
+    # Windows that partition the image (no overlap): the mean of window means is the whole mean.
+    stats = tiling.tiled_mean(lambda w: {"m": w.mean(axis=(1, 2))}, x, tile=16, overlap=0)
+    np.testing.assert_allclose(stats["m"], x.mean(axis=(1, 2)), atol=1e-6)
+    assert tiling.window_starts(x, 16, 0).shape == (6, 2)
+
+
+def test_tiles_that_disagree_are_cross_faded_instead_of_meeting_at_a_seam():
+    """Each window shifts its output by its own mean (as a tile's own GroupNorm statistics would):
+    on a horizontal ramp neighbouring windows disagree by 0.25, which the blend spreads out."""
+    ramp = jnp.broadcast_to(jnp.arange(256, dtype=jnp.float32) / 256, (1, 64, 256))[..., None]
+    tiled = tiling.tiled_apply(lambda w: w + w.mean(), ramp, tile=128, overlap=32, scale=1,
+                               out_channels=1)
+    whole_step = 1 / 256
+    assert float(jnp.abs(tiled - ramp - ramp.mean()).max()) > 0.1      # the windows disagree
+    assert float(jnp.abs(jnp.diff(tiled, axis=2)).max()) < 0.05         # a seam would jump 0.25
+    assert float(jnp.diff(tiled, axis=2).min()) >= whole_step - 1e-6     # and stays monotone
+
+
+def test_attention_in_query_chunks_equals_attention_over_all_queries():
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 1100, 16)) for i in range(3))
+    np.testing.assert_allclose(ae.attention(q, k, v, query_chunk=256),
+                               ae.attention(q, k, v, query_chunk=2048), atol=1e-6)
+
+
 @pytest.mark.slow
-def test_tiled_vae_coding_runs_tile_by_tile_and_stays_close_to_whole_image_coding():
-    """Tiles see their own GroupNorm statistics, so tiled and whole differ. A randomly initialised
-    VAE (all we have offline) amplifies such differences far more than a trained one; the bounds
-    below are for it, and fail for misplaced or unblended tiles (errors of order 1)."""
+def test_tiled_vae_coding_stays_close_to_whole_image_coding_without_seams():
+    """Tiles see zero padding at their borders, and shared GroupNorm statistics are estimated,
+    so tiled and whole coding differ slightly. A randomly initialised VAE (all we have offline)
+    amplifies such differences more than a trained one; the bounds are for it and fail for
+    misplaced or unblended tiles (errors of order 1)."""
     cfg = ae.preset("sd", ch=32, num_res_blocks=1)
     whole = AutoencoderFirstStage(cfg, random_init=True)
     tiled = AutoencoderFirstStage(cfg, random_init=True, tile_size=128, tile_overlap=32)
+    own_stats = AutoencoderFirstStage(cfg, random_init=True, tile_size=128, tile_overlap=32,
+                                      tile_shared_stats=False)
     params = whole.init_params(jax.random.PRNGKey(0))
+    rel = lambda a, b: float(jnp.abs(a - b).mean() / jnp.abs(b).mean())
     # Stationary inputs (noise), so that every tile's statistics estimate the whole image's.
     img = jax.random.uniform(jax.random.PRNGKey(5), (1, 256, 256, 3), minval=-1, maxval=1)
     z, zt = jax.jit(whole.encode)(params, img), jax.jit(tiled.encode)(params, img)
     assert zt.shape == z.shape == (1, 32, 32, 4)
-    assert float(jnp.abs(z - zt).mean()) <= 0.3 * float(jnp.abs(z).mean())   # measured 0.18
+    assert rel(zt, z) <= 0.07                                     # measured 0.045
     noise = jax.random.normal(jax.random.PRNGKey(3), (1, 32, 32, 4))
     x, xt = jax.jit(whole.decode)(params, noise), jax.jit(tiled.decode)(params, noise)
     assert xt.shape == x.shape == (1, 256, 256, 3)
-    assert float(jnp.abs(x - xt).mean()) <= 0.3 * float(jnp.abs(x).mean())   # measured 0.20
-    # No seam: across the tile boundaries, neighbouring pixels differ no more than elsewhere.
-    jumps = jnp.abs(jnp.diff(xt, axis=2)).mean(axis=(0, 1, 3))
-    boundaries = [127, 128, 95, 159]
-    assert float(jumps[jnp.array(boundaries)].max()) <= 2.0 * float(jnp.median(jumps))
+    assert rel(xt, x) <= 0.15                                     # measured 0.10
+    # Shared statistics are closer to whole-image coding than each tile's own.
+    assert rel(xt, x) < 0.85 * rel(jax.jit(own_stats.decode)(params, noise), x)   # 0.10 vs 0.14
+    # No seam: nowhere do neighbouring columns or rows differ much more than in the whole image.
+    for axis in (1, 2):
+        jump = lambda img: jnp.abs(jnp.diff(img, axis=axis)).mean(axis=(0, 3 - axis, 3))
+        assert float((jump(xt) / jump(x)).max()) <= 1.25                # measured 1.08
 
 
 @pytest.mark.slow
-def test_the_cli_converts_full_size_sd_checkpoints_of_both_layouts(sd, tmp_path):
+def test_the_cli_converts_full_size_sd_checkpoints_of_both_layouts(sd, tmp_path, capsys):
     from safetensors.torch import save_file
     model, _, _, params = sd
     diffusers_file = tmp_path / "diffusion_pytorch_model.safetensors"
@@ -295,13 +327,10 @@ def test_the_cli_converts_full_size_sd_checkpoints_of_both_layouts(sd, tmp_path)
     ldm_file = tmp_path / "sd_ae.ckpt"
     torch.save({"state_dict": {f"first_stage_model.{k}": v for k, v in
                                ldm_state_dict(model.state_dict(), 4).items()}}, ldm_file)
-    for src in (diffusers_file, ldm_file):
+    for src in (diffusers_file, ldm_file):      # the CLI's main, in this process
         dst = tmp_path / f"flax_{src.stem}"
-        proc = subprocess.run([sys.executable, "-m", "fmboost_jax.convert", "vae", f"--src={src}",
-                               f"--dst={dst}"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert "wrote 83,653,863 VAE parameters (sd)" in proc.stdout
+        assert convert.main(["vae", f"--src={src}", f"--dst={dst}"]) == 0
+        assert "wrote 83,653,863 VAE parameters (sd)" in capsys.readouterr().out
         loaded = AutoencoderFirstStage(ae.preset("sd"), checkpoint=str(dst)).init_params(None)
         for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
             np.testing.assert_array_equal(np.asarray(a), b)

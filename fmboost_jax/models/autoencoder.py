@@ -49,6 +49,10 @@ class AutoencoderConfig:
     scale_factor: float = 0.18215
     shift_factor: float = 0.0
 
+    def __post_init__(self):
+        if len(self.ch_mult) < 2:
+            raise ValueError(f"ch_mult needs at least 2 levels, got {self.ch_mult}")
+
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
@@ -79,11 +83,44 @@ def _conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1,
                    dtype=dtype, kernel_init=torch_default_init, name=name)
 
 
-def _norm(name: str, dtype: Dtype) -> nn.GroupNorm:
-    # Two-pass float32 statistics: decoder activations reach the hundreds, where E[x^2] - E[x]^2
-    # loses the digits the 1e-4 parity with PyTorch needs.
-    return nn.GroupNorm(num_groups=GROUPS, epsilon=NORM_EPS, dtype=dtype, use_fast_variance=False,
-                        name=name)
+# Collections of per-image GroupNorm statistics, {module path: {"mean", "mean_sq"}} of (B, 32):
+# `norm_stats` given to `apply` makes every GroupNorm normalise with those statistics instead of
+# its input's own (tiles of one image share the image's); `measured_norm_stats`, when mutable,
+# receives the statistics of every GroupNorm's input.
+NORM_STATS = "norm_stats"
+MEASURED_NORM_STATS = "measured_norm_stats"
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm (32 groups, eps 1e-6) with float32 statistics; the params of `nn.GroupNorm`.
+
+    Statistics are two-pass, Var = E[(x - E[x])^2]: decoder activations reach the hundreds, where
+    E[x^2] - E[x]^2 loses the digits the 1e-4 parity with PyTorch needs.
+    """
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, c = x.shape[0], x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        xg = x.astype(jnp.float32).reshape(b, -1, GROUPS, c // GROUPS)
+        given = self.has_variable(NORM_STATS, "mean")
+        if self.is_mutable_collection(MEASURED_NORM_STATS) or not given:
+            mean = jnp.mean(xg, axis=(1, 3))
+            var = jnp.mean(jnp.square(xg - mean[:, None, :, None]), axis=(1, 3))
+            if self.is_mutable_collection(MEASURED_NORM_STATS):
+                self.put_variable(MEASURED_NORM_STATS, "mean", mean)
+                self.put_variable(MEASURED_NORM_STATS, "mean_sq", var + jnp.square(mean))
+        if given:
+            mean = self.get_variable(NORM_STATS, "mean")
+            var = jnp.maximum(self.get_variable(NORM_STATS, "mean_sq") - jnp.square(mean), 0.0)
+        y = (xg - mean[:, None, :, None]) * jax.lax.rsqrt(var + NORM_EPS)[:, None, :, None]
+        return (y.reshape(x.shape) * scale + bias).astype(self.dtype)
+
+
+def _norm(name: str, dtype: Dtype) -> GroupNorm:
+    return GroupNorm(dtype=dtype, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -100,6 +137,20 @@ class ResnetBlock(nn.Module):
         return x + h
 
 
+def attention(q: Array, k: Array, v: Array, query_chunk: int = 1024) -> Array:
+    """Single-head softmax attention over (B, L, C), scale 1/sqrt(C). Longer sequences go in
+    chunks of `query_chunk` queries, so that a large latent (65536 positions at 2048^2 px) never
+    holds the whole (L, L) matrix."""
+    b, n, c = q.shape
+    one = lambda q: jax.nn.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None])[:, :, 0]
+    if n <= query_chunk:
+        return one(q)
+    m = -(-n // query_chunk)
+    q = jnp.pad(q, ((0, 0), (0, m * query_chunk - n), (0, 0)))
+    out = jax.lax.map(one, q.reshape(b, m, query_chunk, c).swapaxes(0, 1))
+    return out.swapaxes(0, 1).reshape(b, m * query_chunk, c)[:, :n]
+
+
 class Attention(nn.Module):
     """Single-head self-attention over all H*W positions, with a residual connection."""
     dtype: Dtype = jnp.float32
@@ -110,8 +161,7 @@ class Attention(nn.Module):
         y = _norm("group_norm", self.dtype)(x).reshape(b, h * w, c)
         dense = lambda name: nn.Dense(c, dtype=self.dtype, kernel_init=torch_default_init, name=name)
         q, k, v = dense("to_q")(y), dense("to_k")(y), dense("to_v")(y)
-        out = jax.nn.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None])[:, :, 0]
-        return x + dense("to_out_0")(out).reshape(b, h, w, c)
+        return x + dense("to_out_0")(attention(q, k, v)).reshape(b, h, w, c)
 
 
 class MidBlock(nn.Module):
@@ -146,20 +196,33 @@ class Upsample(nn.Module):
         return _conv(self.channels, 3, "conv", self.dtype)(x)
 
 
+# Parts of the encoder and decoder: "pixels" is every level above the latent resolution, "latent"
+# the rest (the deepest level, the attention block, the output layers). Tiled coding runs the
+# pixel part tile by tile and the latent part, with its global attention, on the whole latent.
+PARTS = ("all", "pixels", "latent")
+
+
 class Encoder(nn.Module):
     config: AutoencoderConfig
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        """(B, H, W, in) -> moments (B, H/f, W/f, 2 * z_channels)."""
-        cfg = self.config
-        h = _conv(cfg.ch, 3, "conv_in", self.dtype)(x.astype(self.dtype))
-        for i, mult in enumerate(cfg.ch_mult):
-            for j in range(cfg.num_res_blocks):
-                h = ResnetBlock(cfg.ch * mult, self.dtype, name=f"down_blocks_{i}_resnets_{j}")(h)
-            if i < len(cfg.ch_mult) - 1:
+    def __call__(self, x: Array, part: str = "all") -> Array:
+        """(B, H, W, in) -> moments (B, H/f, W/f, 2 * z_channels). `part="pixels"` stops at the
+        latent resolution ((B, H/f, W/f, ch * ch_mult[-2])); `part="latent"` starts there."""
+        cfg, last = self.config, len(self.config.ch_mult) - 1
+        h = x.astype(self.dtype)
+        if part in ("all", "pixels"):
+            h = _conv(cfg.ch, 3, "conv_in", self.dtype)(h)
+            for i, mult in enumerate(cfg.ch_mult[:-1]):
+                for j in range(cfg.num_res_blocks):
+                    h = ResnetBlock(cfg.ch * mult, self.dtype, name=f"down_blocks_{i}_resnets_{j}")(h)
                 h = Downsample(cfg.ch * mult, self.dtype, name=f"down_blocks_{i}_downsamplers_0")(h)
+            if part == "pixels":
+                return h
+        for j in range(cfg.num_res_blocks):
+            h = ResnetBlock(cfg.ch * cfg.ch_mult[-1], self.dtype,
+                            name=f"down_blocks_{last}_resnets_{j}")(h)
         h = MidBlock(cfg.ch * cfg.ch_mult[-1], self.dtype, name="mid_block")(h)
         h = nn.silu(_norm("conv_norm_out", self.dtype)(h))
         return _conv(2 * cfg.z_channels, 3, "conv_out", self.dtype)(h)
@@ -170,15 +233,24 @@ class Decoder(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, z: Array) -> Array:
-        """(B, h, w, z_channels) -> (B, h*f, w*f, out)."""
-        cfg = self.config
-        h = _conv(cfg.ch * cfg.ch_mult[-1], 3, "conv_in", self.dtype)(z.astype(self.dtype))
-        h = MidBlock(cfg.ch * cfg.ch_mult[-1], self.dtype, name="mid_block")(h)
-        for i, mult in enumerate(reversed(cfg.ch_mult)):  # up_blocks_0 is the deepest level
-            for j in range(cfg.num_res_blocks + 1):
-                h = ResnetBlock(cfg.ch * mult, self.dtype, name=f"up_blocks_{i}_resnets_{j}")(h)
-            if i < len(cfg.ch_mult) - 1:
+    def __call__(self, z: Array, part: str = "all") -> Array:
+        """(B, h, w, z_channels) -> (B, h*f, w*f, out). `part="latent"` stops before the first
+        up-sampling ((B, h, w, ch * ch_mult[-1])); `part="pixels"` starts there."""
+        cfg, last = self.config, len(self.config.ch_mult) - 1
+        top = cfg.ch * cfg.ch_mult[-1]
+        h = z.astype(self.dtype)
+        if part in ("all", "latent"):
+            h = _conv(top, 3, "conv_in", self.dtype)(h)
+            h = MidBlock(top, self.dtype, name="mid_block")(h)
+            for j in range(cfg.num_res_blocks + 1):  # up_blocks_0 is the deepest level
+                h = ResnetBlock(top, self.dtype, name=f"up_blocks_0_resnets_{j}")(h)
+            if part == "latent":
+                return h
+        for i, mult in enumerate(reversed(cfg.ch_mult)):
+            if i > 0:
+                for j in range(cfg.num_res_blocks + 1):
+                    h = ResnetBlock(cfg.ch * mult, self.dtype, name=f"up_blocks_{i}_resnets_{j}")(h)
+            if i < last:
                 h = Upsample(cfg.ch * mult, self.dtype, name=f"up_blocks_{i}_upsamplers_0")(h)
         h = nn.silu(_norm("conv_norm_out", self.dtype)(h))
         return _conv(cfg.out_channels, 3, "conv_out", self.dtype)(h)
@@ -201,7 +273,15 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: Array) -> tuple[Array, Array]:
         """Images (B, H, W, 3) in [-1, 1] -> posterior mean and clipped logvar, float32."""
-        moments = self.encoder(x)
+        return self.encode_latent_part(self.encoder(x, "pixels"))
+
+    def encode_pixel_part(self, x: Array) -> Array:
+        """Images (B, H, W, 3) -> encoder features at the latent resolution (B, H/f, W/f, C')."""
+        return self.encoder(x, "pixels")
+
+    def encode_latent_part(self, h: Array) -> tuple[Array, Array]:
+        """Encoder features (B, h, w, C') -> posterior mean and clipped logvar, float32."""
+        moments = self.encoder(h, "latent")
         if self.config.use_quant_conv:
             moments = self.quant_conv(moments)
         mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
@@ -209,9 +289,17 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z: Array) -> Array:
         """Raw latents (B, h, w, C) -> images (B, 8h, 8w, 3), float32 (not clipped)."""
+        return self.decode_pixel_part(self.decode_latent_part(z))
+
+    def decode_latent_part(self, z: Array) -> Array:
+        """Raw latents (B, h, w, C) -> decoder features before the first up-sampling (B, h, w, C')."""
         if self.config.use_post_quant_conv:
             z = self.post_quant_conv(z.astype(self.dtype))
-        return self.decoder(z).astype(jnp.float32)
+        return self.decoder(z, "latent")
+
+    def decode_pixel_part(self, h: Array) -> Array:
+        """Decoder features (B, h, w, C') -> images (B, 8h, 8w, 3), float32 (not clipped)."""
+        return self.decoder(h, "pixels").astype(jnp.float32)
 
     def __call__(self, x: Array) -> Array:
         """Reconstruction through the posterior mode (used to initialise every parameter)."""
