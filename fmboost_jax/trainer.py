@@ -301,6 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     finally:
         bar.close()
         watcher.close()
+        if hasattr(train_iter, "close"):
+            train_iter.close()       # stops the input pipeline's worker processes
         mngr.wait_until_finished()   # an in-flight save completes, even when a step failed
 
     if preempted:
