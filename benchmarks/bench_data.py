@@ -101,7 +101,7 @@ def main() -> None:
     import jax.numpy as jnp
 
     from fmboost_jax.config import base_config
-    from fmboost_jax.coupling import resize
+    from fmboost_jax.cfm.upsampling import resize
     from fmboost_jax.data import pipeline
 
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
@@ -163,7 +163,7 @@ def main() -> None:
     # Encoding on the fly runs the VAE encoder twice per image (image and PSU input).
     from fmboost_jax.first_stage import AutoencoderFirstStage
     from fmboost_jax.models import autoencoder as ae
-    from fmboost_jax.throughput import flops_of
+    from fmboost_jax.train.meter import flops_of
     fs = AutoencoderFirstStage(ae.preset("sd"), random_init=True)
     params = jax.eval_shape(fs.init_params, jax.random.PRNGKey(0))
     image = jax.ShapeDtypeStruct((1, args.size, args.size, 3), jnp.float32)

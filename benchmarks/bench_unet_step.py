@@ -38,9 +38,10 @@ import optax
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fmboost_jax import ode, sharding  # noqa: E402
+from fmboost_jax.cfm import ode
+from fmboost_jax.parallel import sharding  # noqa: E402
 from fmboost_jax.models.unet import EfficientUNet, count_params  # noqa: E402
-from fmboost_jax.throughput import flops_of, peak_tflops  # noqa: E402
+from fmboost_jax.train.meter import flops_of, peak_tflops  # noqa: E402
 
 # name -> (UNet kwargs, default batch, default latent size). Latents have 4 channels and the
 # context (the up-sampled low-res latent) 4 more, so in_channels = 8.

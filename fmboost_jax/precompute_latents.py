@@ -1,60 +1,18 @@
-"""Precompute the VAE latents of a dataset, so that training reads latents instead of encoding.
+"""Command line of `fmboost_jax.data.precompute`: the VAE latents of a dataset.
 
     python -m fmboost_jax.precompute_latents --config=configs/lhq.py --workdir=~/data/lhq_latents
-    # then train on them:
-    python -m fmboost_jax.train --config=configs/lhq.py --workdir=runs/lhq \\
-        --config.data.name=latents --config.data.path=~/data/lhq_latents
 
-For every image of the config's source (`data.name` folder or tfds, split `--split`), center
-cropped to `high_res_size`, it stores the VAE posterior of the image (`mean`, `logvar`) and of
-its PSU input (`mean_lowres`, `logvar_lowres`: the low-res image down-sampled as
-`config.lowres_downsampling` says, bilinearly up-sampled back to the high-res size in pixel
-space, then encoded), unscaled, (h, w, C) float32 each, and the file's `name`; with
-`--store_images` also the uint8 image. Training takes the posterior mode or a sample
-(`data.latent_sample`). Files that cannot be used are skipped and logged with their path.
-With `--split=train`, process 0 also writes the source's held-out images (center crops,
-`eval_images.npy`), on which training from the records evaluates.
-
-The work is batched and sharded across all devices of all processes (run it like training on
-every host, with `workdir` on a file system they share): each process decodes its own shard
-of the images in `data.read_threads` threads ahead of the encoder, the batch is split over all
-devices with the VAE replicated, and each process writes its own files,
-`latents-pPPPPP-of-NNNNNN-cCCCCC.array_record`, one per chunk of `--chunk_batches` batches, each
-written under a temporary name and renamed when complete. Rerunning the command skips complete
-chunks, so an interrupted run resumes where it stopped; a rerun with another layout (batch
-size, chunk size, process count, source, sizes or VAE) is refused, since it would mix shards.
-`latents_info.json` records the layout, and `done-pPPPPPP-of-NNNNNN.json` each process's counts
-when it finished. A progress bar shows images/s; the log line at the end gives the totals.
+See `fmboost_jax/data/precompute.py` for what is written and how a run resumes.
 """
 
-from __future__ import annotations
-
-import dataclasses
-import glob
-import json
 import os
-import time
-from typing import Any
+import sys
 
-import grain
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags, logging
-from array_record.python.array_record_module import ArrayRecordWriter
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
-from tqdm.auto import tqdm
 
-from fmboost_jax import config as config_lib
-from fmboost_jax import distributed
-from fmboost_jax import sharding as sharding_lib
-from fmboost_jax.cfm import CFM
-from fmboost_jax.coupling import resize
-from fmboost_jax.data import images as images_lib
-from fmboost_jax.data import pipeline as data_pipeline
-from fmboost_jax.data import sources
-from fmboost_jax.data.sources import encode_latent_record
+from fmboost_jax.config import ConfigError
+from fmboost_jax.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory for the latent records.")
@@ -68,208 +26,24 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def chunk_path(workdir: str, process: int, count: int, chunk: int) -> str:
-    return os.path.join(workdir, f"latents-p{process:06d}-of-{count:06d}-c{chunk:05d}.array_record")
-
-
-def done_path(workdir: str, process: int, count: int) -> str:
-    return os.path.join(workdir, f"done-p{process:06d}-of-{count:06d}.json")
-
-
-INFO_FILE, EVAL_FILE = sources.LATENT_INFO_FILE, sources.LATENT_EVAL_FILE
-# Fields that fix which images land in which chunk: a resumed run must share them.
-LAYOUT_FIELDS = ("num_images", "processes", "images_per_chunk", "split", "source",
-                 "high_res_size", "low_res_size", "first_stage", "first_stage_checkpoint")
-
-
-def make_encode_fn(cfm: CFM, mesh):
-    """Jitted (fs_params, uint8 images (B, H, W, 3)) -> the four unscaled moments, the batch
-    split over the mesh's devices and the VAE params replicated."""
-    fs = cfm.first_stage
-    size = cfm.high_res_size
-
-    def encode(fs_params, images_u8):
-        images = images_u8.astype(jnp.float32) / 127.5 - 1.0
-        mean, logvar = fs.moments(fs_params, images)
-        psu = resize(cfm.lowres_images(images), (size, size), "bilinear")   # pixel space
-        mean_lr, logvar_lr = fs.moments(fs_params, psu)
-        return {"mean": mean, "logvar": logvar, "mean_lowres": mean_lr, "logvar_lowres": logvar_lr}
-
-    split = sharding_lib.batch_sharding(mesh)
-    return jax.jit(encode, in_shardings=(sharding_lib.replicated(mesh), split), out_shardings=split)
-
-
-@dataclasses.dataclass
-class LoadCenterCrop(grain.transforms.Map):
-    """{"bytes", "path"} -> {"image": uint8 (S, S, 3), "name", "ok"}; a bad file gives ok=False
-    (logged with its path) and a black image that is not written."""
-    size: int
-
-    def map(self, ex: dict[str, Any]) -> dict[str, Any]:
-        try:
-            img = images_lib.decode_rgb(ex["bytes"], ex["path"])
-            crop = images_lib.center_crop(img, self.size, ex["path"], min_size=self.size)
-            return {"image": np.round((crop + 1.0) * 127.5).astype(np.uint8),
-                    "name": ex["path"], "ok": True}
-        except images_lib.BadImage as err:
-            logging.warning("Skipping %s", err)
-            return {"image": np.zeros((self.size, self.size, 3), np.uint8), "name": ex["path"],
-                    "ok": False}
-
-
-def _local(x: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded global array, in order."""
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-    return np.concatenate([np.asarray(s.data) for s in shards])
-
-
-def _check_layout(workdir: str, info: dict[str, Any]) -> None:
-    """Refuses to resume into records written with another layout (they would mix shards)."""
-    path = os.path.join(workdir, INFO_FILE)
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        old = json.load(f)
-    changed = [k for k in LAYOUT_FIELDS if old.get(k) != info[k]]
-    if changed and glob.glob(os.path.join(workdir, "latents-*.array_record")):
-        diff = ", ".join(f"{k}: {old.get(k)!r} -> {info[k]!r}" for k in changed)
-        raise ValueError(f"--workdir {workdir!r} holds latent records written with another "
-                         f"layout ({diff}); rerun with the same settings to resume, or write to a "
-                         "new --workdir")
-
-
-def write_eval_images(config, workdir: str) -> None:
-    """The held-out images (the source's eval part, center crops at the high-res size) as
-    uint8 (N, S, S, 3) `eval_images.npy`, so that training on the records evaluates on them."""
-    cfg = config.copy_and_resolve_references()
-    cfg.data.eval_crop_size = 0
-    try:
-        images = data_pipeline.eval_images(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        logging.warning("No held-out images written: %s", err)
-        return
-    tmp = os.path.join(workdir, EVAL_FILE + ".tmp.npy")
-    np.save(tmp, np.round((images + 1.0) * 127.5).astype(np.uint8))
-    os.replace(tmp, os.path.join(workdir, EVAL_FILE))
-
-
-def precompute(config, workdir: str, split: str = "train", batch_size: int = 0,
-               chunk_batches: int = 64, store_images: bool = False) -> dict:
-    """Writes this process's latent records into `workdir`; returns counts and throughput."""
-    config_lib.validate(config)
-    if config.data.name not in ("folder", "tfds"):
-        raise ValueError(f"config.data.name={config.data.name!r}: precomputing reads images from "
-                         "a 'folder' or 'tfds' source")
-    cfm = CFM.from_config(config)
-    if not hasattr(cfm.first_stage, "moments"):
-        raise ValueError(f"config.first_stage.name={config.first_stage.name!r}: precomputing "
-                         "latents needs a VAE first stage (e.g. 'sd_vae')")
-    pid, nproc = jax.process_index(), jax.process_count()
-    mesh = sharding_lib.make_mesh(config.mesh)
-    batch_size = batch_size or config.batch_size
-    if batch_size % mesh.size or batch_size % nproc:
-        raise ValueError(f"--batch_size {batch_size} must be divisible by the {mesh.size} devices "
-                         f"and {nproc} processes")
-    per_process = batch_size // nproc
-    per_chunk = per_process * chunk_batches
-    src = data_pipeline.image_source(config, train=split == "train")
-    info = {"num_images": len(src), "processes": nproc, "images_per_chunk": per_chunk,
-            "split": split, "source": getattr(src, "description", config.data.path),
-            "high_res_size": config.high_res_size, "low_res_size": config.low_res_size,
-            "first_stage": config.first_stage.name,
-            "first_stage_checkpoint": config.first_stage.checkpoint,
-            "scale_factor": config.scale_factor, "shift_factor": config.shift_factor,
-            "store_images": store_images}
-    os.makedirs(workdir, exist_ok=True)
-    _check_layout(workdir, info)
-    if pid == 0:
-        with open(os.path.join(workdir, INFO_FILE), "w") as f:
-            json.dump(info, f, indent=2)
-        if split == "train" and not os.path.exists(os.path.join(workdir, EVAL_FILE)):
-            write_eval_images(config, workdir)
-
-    fs_params = sharding_lib.put_replicated(cfm.first_stage.init_params(jax.random.PRNGKey(0)),
-                                            mesh)
-    encode = make_encode_fn(cfm, mesh)
-    size = config.high_res_size
-    # This process's shard, decoded by threads ahead of the encoder.
-    mine = grain.MapDataset.source(src)[pid::nproc].map(LoadCenterCrop(size))
-    longest = -(-len(src) // nproc)             # every process runs the longest shard's steps
-    num_chunks = -(-longest // per_chunk)
-    read = grain.ReadOptions(num_threads=max(1, config.data.read_threads),
-                             prefetch_buffer_size=max(config.data.prefetch, 2 * per_process))
-
-    def batches(lo: int, steps: int):
-        """`steps` batches of `per_process` images from shard position `lo`, padded at the end."""
-        it = iter(mine[lo:lo + steps * per_process].to_iter_dataset(read)) \
-            if lo < len(mine) else iter(())
-        for _ in range(steps):
-            part = [ex for _, ex in zip(range(per_process), it)]
-            images = np.zeros((per_process, size, size, 3), np.uint8)
-            for j, ex in enumerate(part):
-                images[j] = ex["image"]
-            yield images, [(j, ex["name"]) for j, ex in enumerate(part) if ex["ok"]], len(part)
-
-    written = skipped = 0
-    start = time.perf_counter()
-    bar = tqdm(total=len(mine), desc=f"encode {split}", unit="img", disable=pid != 0,
-               dynamic_ncols=True)
-    for chunk in range(num_chunks):
-        path = chunk_path(workdir, pid, nproc, chunk)
-        # The encoding steps are collective: skip a chunk only when every process has it.
-        have = np.array(os.path.exists(path))
-        done = multihost_utils.process_allgather(have).all() if nproc > 1 else bool(have)
-        lo = chunk * per_chunk
-        steps = min(chunk_batches, -(-(longest - lo) // per_process))
-        if done:
-            bar.update(max(0, min(per_chunk, len(mine) - lo)))
-            continue
-        tmp = path + ".tmp"
-        writer = ArrayRecordWriter(tmp, "group_size:1")
-        pending = None      # (device outputs, rows, images): written while the next batch encodes
-
-        def flush(pending):
-            out, rows, images = pending
-            local = {k: _local(v) for k, v in out.items()}
-            for j, name in rows:
-                record = {k: v[j] for k, v in local.items()}
-                record["name"] = name
-                if store_images:
-                    record["image"] = images[j]
-                writer.write(encode_latent_record(record))
-            return len(rows)
-
-        for images, rows, n in batches(lo, steps):
-            out = encode(fs_params, sharding_lib.global_batch({"x": images}, mesh)["x"])
-            if pending is not None:
-                written += flush(pending)
-            pending = (out, rows, images)
-            skipped += n - len(rows)
-            bar.update(n)
-            bar.set_postfix(skipped=skipped)
-        if pending is not None:
-            written += flush(pending)
-        writer.close()
-        os.replace(tmp, path)
-    bar.close()
-    seconds = time.perf_counter() - start
-    result = {"process": pid, "devices": mesh.size, "written": written, "skipped": skipped,
-              "seconds": seconds,
-              "images_per_sec": written / max(seconds, 1e-9)}
-    with open(done_path(workdir, pid, nproc), "w") as f:
-        json.dump(result, f)
-    logging.info("precompute: %s", json.dumps(result))
-    return result
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     distributed.initialize(_DISTRIBUTED.value)
-    precompute(_CONFIG.value, os.path.expanduser(_WORKDIR.value), _SPLIT.value, _BATCH.value,
-               _CHUNK.value, _STORE_IMAGES.value)
+    from fmboost_jax.data.precompute import precompute
+    try:
+        precompute(_CONFIG.value, os.path.expanduser(_WORKDIR.value), _SPLIT.value,
+                   _BATCH.value, _CHUNK.value, _STORE_IMAGES.value)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run() -> None:
+    """Console script `fmboost-precompute`."""
+    app.run(main)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

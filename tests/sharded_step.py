@@ -16,12 +16,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tiny_config  # noqa: E402
-from fmboost_jax import sharding  # noqa: E402
-from fmboost_jax.cfm import CFM  # noqa: E402
+from fmboost_jax.parallel import sharding  # noqa: E402
+from fmboost_jax.cfm.model import CFM  # noqa: E402
 from fmboost_jax.data import photos  # noqa: E402
-from fmboost_jax.sampling import make_sample_fn  # noqa: E402
-from fmboost_jax.train_state import create_train_state, make_optimizer  # noqa: E402
-from fmboost_jax.trainer import make_train_step  # noqa: E402
+from fmboost_jax.cfm.sampling import make_sample_fn  # noqa: E402
+from fmboost_jax.train.state import create_train_state, make_optimizer  # noqa: E402
+from fmboost_jax.train.loop import make_train_step  # noqa: E402
 
 STEPS = 2
 

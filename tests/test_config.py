@@ -1,38 +1,72 @@
-"""Tests of fmboost_jax/config.py: bad configs fail early, naming the field."""
+"""Tests of fmboost_jax/config.py: the released defaults, the loader, and bad configs failing
+early with the field named."""
 
 import os
+import subprocess
+import sys
 
 import pytest
+from support import ROOT
 
 from fmboost_jax import config as config_lib
-from fmboost_jax.trainer import train_and_evaluate
+from fmboost_jax.config import ConfigError, base_config, load_config
+from fmboost_jax.models import autoencoder
+from fmboost_jax.train.loop import train_and_evaluate
 
 
 def _assert_invalid(cfg, field):
-    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         config_lib.validate(cfg)
 
 
-def test_the_shipped_configs_are_valid(tiny_config):
-    import importlib.util
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("demo", os.path.join(root, "configs", "demo.py"))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    config_lib.validate(demo.get_config())
-    config_lib.validate(demo.get_config("smoke"))
+def test_base_config_is_the_released_setup_field_by_field():
+    c = base_config()
+    assert (c.low_res_size, c.high_res_size) == (512, 1024)
+    assert (c.lowres_downsampling, c.lowres_antialias) == ("bilinear", False)
+    assert c.first_stage.name == "sd_vae" and c.first_stage.dtype == "auto"
+    assert autoencoder.PRESETS["sd"].scale_factor == 0.18215
+    assert dict(c.coupling) == dict(upsampling_mode="psu", upsampling_mode_context="",
+                                    start_from_noise=False, noising_step=400,
+                                    concat_context=True, num_timesteps=1000)
+    assert dict(c.flow) == dict(schedule="linear", sigma_min=0.0)
+    assert dict(c.unet) == dict(
+        in_channels=8, model_channels=128, out_channels=4, num_res_blocks=3,
+        attention_resolutions=(8, 16), dropout=0.0, channel_mult=(1, 2, 4, 8),
+        conv_resample=True, dim_head=64, num_heads=4, use_linear_attn=False,
+        use_scale_shift_norm=True, pool_factor=-1)
+    assert (c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay) == (3e-5, 1000, 0.0)
+    assert not c.optim.warmup_from_zero
+    assert (c.ema.rate, c.ema.update_after_step, c.ema.power, c.ema.before_update) == \
+        (0.999, 1000, 0.75, True)
+    assert (c.sampling.solver, c.sampling.num_steps) == ("rk4", 39)    # 40 time points
+    assert (c.sampling.rtol, c.sampling.atol) == (1e-3, 1e-6)
+    assert c.dtype == "auto" and config_lib.dtype("auto") == config_lib.DTYPES["float32"]
+
+
+def test_the_shipped_configs_are_valid_and_load_by_name_or_path(tiny_config):
+    for spec in ("demo", "demo:smoke", "lhq", "lhq:smoke", "faceshq", "faceshq:smoke"):
+        config_lib.validate(load_config(spec))
+    by_path = load_config(os.path.join(ROOT, "configs", "faceshq.py") + ":smoke")
+    assert by_path == load_config("faceshq:smoke")
     config_lib.validate(tiny_config)
+    with pytest.raises(FileNotFoundError, match="no/such.py"):
+        load_config("no/such.py")
 
 
-def test_a_vae_first_stage_checks_its_scale_shift_and_checkpoint(tiny_config):
+def test_the_paper_configs_change_only_what_differs_from_the_released_setup():
+    base, lhq, faces = base_config(), load_config("lhq"), load_config("faceshq")
+    assert lhq.unet == base.unet and lhq.coupling == base.coupling and lhq.optim == base.optim
+    assert (faces.low_res_size, faces.high_res_size) == (256, 1024)        # 32² -> 128² latents
+    assert faces.data.tfds_name == "faceshq" and faces.unet == base.unet
+
+
+def test_a_vae_first_stage_needs_a_checkpoint(tiny_config):
     c = tiny_config
-    c.first_stage.update(name="sd3_vae", random_init=True)
+    c.first_stage.update(name="sd3_vae", checkpoint="random")
     c.unet.update(in_channels=32, out_channels=16)
     c.low_res_size, c.high_res_size = 16, 64
-    _assert_invalid(c, "config.scale_factor")                   # still the pixel-space 1.0
-    c.scale_factor, c.shift_factor = 1.5305, 0.0609
     config_lib.validate(c)
-    c.first_stage.random_init = False
+    c.first_stage.checkpoint = ""
     _assert_invalid(c, "config.first_stage.checkpoint")         # empty: how to make one
 
 
@@ -63,17 +97,21 @@ def test_context_off_halves_the_expected_input_channels(tiny_config):
 
 @pytest.mark.parametrize("field,value,named", [
     ("coupling.upsampling_mode", "bicubic", "config.coupling.upsampling_mode"),
+    ("coupling.upsampling_mode_context", "area", "config.coupling.upsampling_mode_context"),
     ("sampling.solver", "rk45", "config.sampling.solver"),
+    ("sampling.rtol", 0.0, "config.sampling.rtol"),
     ("flow.schedule", "cosine", "config.flow.schedule"),
     ("dtype", "float16", "config.dtype"),
+    ("first_stage.dtype", "float16", "config.first_stage.dtype"),
     ("unet.model_channels", 48, "config.unet.model_channels"),
     ("batch_size", 0, "config.batch_size"),
-    ("mesh", (("data", 3), ("fsdp", 1)), "config.mesh"),
+    ("mesh", (("data", 0), ("fsdp", 1)), "config.mesh"),
     ("first_stage.name", "vqgan", "config.first_stage.name"),
-    ("scale_factor", 0.5, "config.scale_factor"),
     ("data.name", "webdataset", "config.data.name"),
     ("data.latent_sample", "mean", "config.data.latent_sample"),
     ("keep_every", -1, "config.keep_every"),
+    ("ema.rate", 1.0, "config.ema.rate"),
+    ("optim.lr", -1.0, "config.optim.lr"),
 ])
 def test_invalid_values_are_named(tiny_config, field, value, named):
     obj = tiny_config
@@ -90,29 +128,33 @@ def test_noising_with_start_from_noise_is_rejected(tiny_config):
     _assert_invalid(tiny_config, "config.coupling.noising_step")
 
 
+def test_validation_is_pure_and_devices_are_checked_at_start_up(tiny_config):
+    from fmboost_jax.train.setup import check_resources
+    tiny_config.mesh = (("data", 3), ("fsdp", 1))       # 3 devices: valid as a value
+    config_lib.validate(tiny_config)
+    with pytest.raises(ConfigError, match=r"config\.mesh: .*needs 3 devices"):
+        check_resources(tiny_config)
+
+
 def test_the_trainer_rejects_a_bad_config_before_writing_anything(tiny_config, tmp_path):
     tiny_config.high_res_size = 18
-    with pytest.raises(ValueError, match="config.low_res_size"):
+    with pytest.raises(ConfigError, match="config.low_res_size"):
         train_and_evaluate(tiny_config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 
-def test_the_command_line_reports_a_bad_override_by_field(tmp_path):
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def test_the_command_line_reports_a_bad_override_in_one_line_without_a_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "fmboost_jax.train", "--config=configs/demo.py",
          "--config.low_res_size=5", f"--workdir={tmp_path / 'run'}"],
-        cwd=root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "config.low_res_size: 5 does not divide high_res_size 32" in proc.stderr
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "error: config.low_res_size: 5 does not divide high_res_size 32" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
 
 
 def test_the_local_launcher_explains_its_usage():
-    import subprocess
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(["bash", os.path.join(root, "launch", "run_local.sh")],
+    proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "run_local.sh")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "usage:" in proc.stderr

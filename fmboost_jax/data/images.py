@@ -10,6 +10,8 @@ size with an anti-aliased filter, then a random square and an optional horizonta
 
 from __future__ import annotations
 
+from typing import Any
+
 import io
 import warnings
 
@@ -61,9 +63,14 @@ def _resize_shorter(img: np.ndarray, size: int, path: str, min_size: int) -> np.
     return np.asarray(Image.fromarray(img).resize(new, Image.Resampling.LANCZOS, reducing_gap=None))
 
 
-def to_float(img: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 in [-1, 1]."""
-    return img.astype(np.float32) / 127.5 - 1.0
+def to_float(img: Any) -> Any:
+    """uint8 -> float32 in [-1, 1]; numpy or jax arrays."""
+    return img.astype("float32") / 127.5 - 1.0
+
+
+def to_uint8(images: Any) -> Any:
+    """[-1, 1] -> uint8 in [0, 255], rounded and clipped; numpy or jax arrays."""
+    return ((images + 1.0) * 127.5).round().clip(0, 255).astype("uint8")
 
 
 def random_crop(img: np.ndarray, size: int, rng: np.random.Generator, flip: bool,

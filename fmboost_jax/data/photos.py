@@ -11,6 +11,8 @@ import functools
 
 import numpy as np
 
+from fmboost_jax.data.images import to_float
+
 # Colour photos of scikit-image's gallery; grayscale ones are replicated to RGB.
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
           "immunohistochemistry", "retina", "stereo_motorcycle", "camera", "brick",
@@ -29,8 +31,7 @@ def load_photo(name: str) -> np.ndarray:
     img = np.asarray(img)
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=-1)
-    img = img[..., :3].astype(np.float32)
-    return img / 127.5 - 1.0
+    return to_float(img[..., :3])
 
 
 def _random_crop(rng: np.random.Generator, img: np.ndarray, size: int) -> np.ndarray:

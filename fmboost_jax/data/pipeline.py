@@ -27,6 +27,7 @@ import grain
 import numpy as np
 from absl import logging
 
+from fmboost_jax.config import ConfigError, check_one_of, check_range
 from fmboost_jax.data import images as images_lib
 from fmboost_jax.data import photos, sources
 
@@ -139,7 +140,7 @@ class PhotoIterator:
 def process_shard(ds: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
     """Every `process_count`-th example from `process_index`: disjoint shards covering `ds`."""
     if len(ds) < process_count:
-        raise ValueError(f"config.data: {len(ds)} examples cannot be shared by {process_count} "
+        raise ConfigError("data", f"{len(ds)} examples cannot be shared by {process_count} "
                          "processes")
     return ds[process_index::process_count]
 
@@ -216,7 +217,7 @@ class TrainIterator:
         self._window[1] += skipped
         if self._window[0] == SKIP_WINDOW:
             if self._window[1] >= MAX_SKIPPED_FRACTION * SKIP_WINDOW:
-                raise ValueError(f"config.data: {self._window[1]} of the last {SKIP_WINDOW} "
+                raise ConfigError("data", f"{self._window[1]} of the last {SKIP_WINDOW} "
                                  f"examples of {self.description} were unusable (see the log)")
             self._window = [0, 0]
 
@@ -276,7 +277,7 @@ def eval_images(config: Any) -> np.ndarray:
         except images_lib.BadImage as err:
             _skipped(str(err))
     if not out:
-        raise ValueError(f"config.data: no usable held-out image in {getattr(src, 'description', d.path)}")
+        raise ConfigError("data", f"no usable held-out image in {getattr(src, 'description', d.path)}")
     return np.stack(out)
 
 
@@ -290,7 +291,7 @@ def _latent_eval_images(d: Any, size: int) -> np.ndarray:
     recs = sources.LatentRecordSource(d.path)
     picked = [recs[len(recs) - 1 - i] for i in range(min(len(recs), d.num_eval_images))]
     if not all("image" in r for r in picked):
-        raise ValueError(f"config.data.path: {d.path!r} holds neither held-out images "
+        raise ConfigError("data.path", f"{d.path!r} holds neither held-out images "
                          f"({sources.LATENT_EVAL_FILE}) nor records with images to evaluate on; "
                          "set config.data.eval_path to a folder of held-out images")
     logging.warning("Evaluating on the images of the last %d latent records (training images): "
@@ -307,7 +308,7 @@ def _check_latent_records(config: Any, rec: dict[str, np.ndarray]) -> None:
             "low_res_size": config.low_res_size}
     for key, want in made.items():
         if info is not None and key in info and info[key] != want:
-            raise ValueError(f"config.data.path: the latent records in {d.path!r} were made with "
+            raise ConfigError("data.path", f"the latent records in {d.path!r} were made with "
                              f"{key}={info[key]!r}, but config.{key} is {want!r}; precompute "
                              "them again for this config")
     fs = first_stage_from_config(config)
@@ -315,36 +316,67 @@ def _check_latent_records(config: Any, rec: dict[str, np.ndarray]) -> None:
     want_shape = (size, size, fs.latent_channels)
     for key in ("mean", "mean_lowres"):
         if tuple(rec[key].shape) != want_shape:
-            raise ValueError(f"config.data.path: `{key}` of the latent records in {d.path!r} is "
+            raise ConfigError("data.path", f"`{key}` of the latent records in {d.path!r} is "
                              f"{tuple(rec[key].shape)}, but config.high_res_size "
                              f"{config.high_res_size} and first_stage {config.first_stage.name!r}"
                              f" need {want_shape}")
+
+
+def _check_context_source(config: Any, rec: dict[str, np.ndarray]) -> None:
+    """Records without images hold only the PSU latent: other up-sampling modes need the image."""
+    from fmboost_jax.cfm.coupling import Coupling
+    modes = Coupling.from_config(config.coupling).context_modes
+    if "image" not in rec and any(m != "psu" for m in modes):
+        field = ("coupling.upsampling_mode" if modes[0] != "psu"
+                 else "coupling.upsampling_mode_context")
+        raise ConfigError(field, f"{modes} need the low-res image, but the latent records in "
+                          f"{config.data.path!r} hold only the PSU latent; precompute them with "
+                          "--store_images, or use 'psu'")
+
+
+def check_config(config: Any) -> None:
+    """The rules of `config.data` (pure: files are checked by `check_data` at start-up)."""
+    d = config.data
+    check_one_of(config, "data.name", NAMES)
+    if d.name == "tfds" and not d.tfds_name:
+        raise ConfigError("data.tfds_name", "is empty; name the prepared dataset (e.g. 'lhq')")
+    if d.name == "skimage_photos" and not d.train_photos:
+        raise ConfigError("data.train_photos", "is empty; name scikit-image photos, e.g. "
+                          f"{photos.PHOTOS[:2]}")
+    check_one_of(config, "data.crop", ("resize", "native"))
+    check_one_of(config, "data.latent_sample", ("mode", "sample"))
+    for field in ("worker_count", "read_threads", "prefetch", "num_eval_images", "eval_crop_size"):
+        check_range(config, f"data.{field}", 0)
 
 
 def check_data(config: Any, probe: int = 32) -> None:
     """Fails at start-up, naming the path, if the training data is missing, empty or unusable
     (none of its first `probe` examples decodes)."""
     d = config.data
-    if d.name not in NAMES:
-        raise ValueError(f"config.data.name: unknown source {d.name!r}; known: {NAMES}")
     if d.name == "skimage_photos":
+        for field in ("train_photos", "eval_photos"):
+            unknown = [p for p in d[field] if p not in photos.PHOTOS]
+            if unknown:
+                raise ConfigError(f"data.{field}", f"unknown photos {unknown}; known: "
+                                  f"{photos.PHOTOS}")
         photos.PhotoCrops(tuple(d.train_photos), config.high_res_size, 1, 0)
         return
     if not d.path:
-        raise ValueError(f"config.data.path is empty: config.data.name={d.name!r} needs it")
+        raise ConfigError("data.path", f"is empty: config.data.name={d.name!r} needs it")
     if d.name == "latents":
         src = sources.LatentRecordSource(d.path)
         if not len(src):
-            raise ValueError(f"config.data.path: the latent records in {d.path!r} are empty")
+            raise ConfigError("data.path", f"the latent records in {d.path!r} are empty")
         rec = src[0]
         missing = {"mean", "logvar", "mean_lowres", "logvar_lowres"} - set(rec)
         if missing:
-            raise ValueError(f"config.data.path: records in {d.path!r} lack {sorted(missing)}")
+            raise ConfigError("data.path", f"records in {d.path!r} lack {sorted(missing)}")
         if not d.eval_path and "image" not in rec and sources.latent_eval_file(d.path) is None:
-            raise ValueError(f"config.data: {d.path!r} holds no images to evaluate on (neither "
+            raise ConfigError("data", f"{d.path!r} holds no images to evaluate on (neither "
                              f"{sources.LATENT_EVAL_FILE} nor images in the records); set "
                              "config.data.eval_path to a folder of held-out images, or "
                              "precompute again with --store_images")
+        _check_context_source(config, rec)
         incomplete = sources.latent_records_incomplete(d.path)
         if incomplete:
             logging.warning("config.data.path: %s", incomplete)
@@ -361,5 +393,5 @@ def check_data(config: Any, probe: int = 32) -> None:
         except images_lib.BadImage as err:
             errors.append(str(err))
     where = getattr(src, "description", d.path)
-    raise ValueError(f"config.data: none of the first {len(errors)} images of {where} is usable:\n  "
+    raise ConfigError("data", f"none of the first {len(errors)} images of {where} is usable:\n  "
                      + "\n  ".join(errors[:5]))

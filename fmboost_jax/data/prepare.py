@@ -17,6 +17,7 @@ import sys
 from absl import app, flags
 
 from fmboost_jax.data import builders
+from fmboost_jax import paths
 
 _DATASET = flags.DEFINE_enum("dataset", None, sorted(builders.BUILDERS), "Which dataset to build.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder with the downloaded images.")
@@ -35,7 +36,7 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, name: str = "") -> str
     cls = builders.BUILDERS[dataset]
     if dataset == "image_folder" and name and name != "image_folder":
         cls = type(name.title().replace("_", ""), (cls,), {"name": name, "__doc__": cls.__doc__})
-    data_dir = os.path.expanduser(data_dir) if "://" not in data_dir else data_dir
+    data_dir = paths.resolve(data_dir)
     builder = cls(data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     return os.fspath(builder.data_dir)
@@ -48,5 +49,10 @@ def main(argv):
     print(f"wrote {out}", file=sys.stderr)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console script `fmboost-prepare`."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

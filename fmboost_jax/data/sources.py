@@ -20,6 +20,7 @@ import numpy as np
 from flax import serialization
 
 from fmboost_jax.data.images import EXTENSIONS
+from fmboost_jax import paths
 
 
 def list_images(folder: str, extensions: tuple[str, ...] = EXTENSIONS) -> list[str]:
@@ -55,7 +56,7 @@ class FolderSource:
 
 
 def tfds_dir(data_dir: str, name: str) -> str:
-    return os.path.join(os.path.expanduser(data_dir) if "://" not in data_dir else data_dir, name)
+    return os.path.join(paths.resolve(data_dir), name)
 
 
 class TfdsSource:

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fmboost_jax.models.unet import torch_default_init
+from fmboost_jax.models.layers import conv, torch_default_init, upsample_nearest
 
 Array = jax.Array
 Dtype = Any
@@ -65,6 +65,8 @@ PRESETS: dict[str, AutoencoderConfig] = {
                              scale_factor=1.5305, shift_factor=0.0609),
     "flux": AutoencoderConfig(z_channels=16, use_quant_conv=False, use_post_quant_conv=False,
                               scale_factor=0.3611, shift_factor=0.1159),
+    # The SD layout narrowed (32 channels, one ResBlock per level): smoke runs and tests.
+    "tiny": AutoencoderConfig(ch=32, num_res_blocks=1),
 }
 
 
@@ -73,14 +75,6 @@ def preset(name: str, **overrides: Any) -> AutoencoderConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown autoencoder preset {name!r}; known: {sorted(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides)
-
-
-def _conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1,
-          padding: Any = None) -> nn.Conv:
-    pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=padding if padding is not None else ((pad, pad), (pad, pad)),
-                   dtype=dtype, kernel_init=torch_default_init, name=name)
 
 
 # Collections of per-image GroupNorm statistics, {module path: {"mean", "mean_sq"}} of (B, 32):
@@ -130,10 +124,10 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        h = _conv(self.out_channels, 3, "conv1", self.dtype)(nn.silu(_norm("norm1", self.dtype)(x)))
-        h = _conv(self.out_channels, 3, "conv2", self.dtype)(nn.silu(_norm("norm2", self.dtype)(h)))
+        h = conv(self.out_channels, 3, "conv1", self.dtype)(nn.silu(_norm("norm1", self.dtype)(x)))
+        h = conv(self.out_channels, 3, "conv2", self.dtype)(nn.silu(_norm("norm2", self.dtype)(h)))
         if x.shape[-1] != self.out_channels:
-            x = _conv(self.out_channels, 1, "conv_shortcut", self.dtype)(x)
+            x = conv(self.out_channels, 1, "conv_shortcut", self.dtype)(x)
         return x + h
 
 
@@ -182,7 +176,7 @@ class Downsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        return _conv(self.channels, 3, "conv", self.dtype, stride=2, padding=((0, 1), (0, 1)))(x)
+        return conv(self.channels, 3, "conv", self.dtype, stride=2, padding=((0, 1), (0, 1)))(x)
 
 
 class Upsample(nn.Module):
@@ -192,14 +186,13 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return _conv(self.channels, 3, "conv", self.dtype)(x)
+        return conv(self.channels, 3, "conv", self.dtype)(upsample_nearest(x))
 
 
-# Parts of the encoder and decoder: "pixels" is every level above the latent resolution, "latent"
-# the rest (the deepest level, the attention block, the output layers). Tiled coding runs the
-# pixel part tile by tile and the latent part, with its global attention, on the whole latent.
-PARTS = ("all", "pixels", "latent")
+# Parts of the encoder and decoder (`part=`): "pixels" is every level above the latent resolution,
+# "latent" the rest (the deepest level, the attention block, the output layers), "all" both. Tiled
+# coding runs the pixel part tile by tile and the latent part, with its global attention, on the
+# whole latent.
 
 
 class Encoder(nn.Module):
@@ -213,7 +206,7 @@ class Encoder(nn.Module):
         cfg, last = self.config, len(self.config.ch_mult) - 1
         h = x.astype(self.dtype)
         if part in ("all", "pixels"):
-            h = _conv(cfg.ch, 3, "conv_in", self.dtype)(h)
+            h = conv(cfg.ch, 3, "conv_in", self.dtype)(h)
             for i, mult in enumerate(cfg.ch_mult[:-1]):
                 for j in range(cfg.num_res_blocks):
                     h = ResnetBlock(cfg.ch * mult, self.dtype, name=f"down_blocks_{i}_resnets_{j}")(h)
@@ -225,7 +218,7 @@ class Encoder(nn.Module):
                             name=f"down_blocks_{last}_resnets_{j}")(h)
         h = MidBlock(cfg.ch * cfg.ch_mult[-1], self.dtype, name="mid_block")(h)
         h = nn.silu(_norm("conv_norm_out", self.dtype)(h))
-        return _conv(2 * cfg.z_channels, 3, "conv_out", self.dtype)(h)
+        return conv(2 * cfg.z_channels, 3, "conv_out", self.dtype)(h)
 
 
 class Decoder(nn.Module):
@@ -240,7 +233,7 @@ class Decoder(nn.Module):
         top = cfg.ch * cfg.ch_mult[-1]
         h = z.astype(self.dtype)
         if part in ("all", "latent"):
-            h = _conv(top, 3, "conv_in", self.dtype)(h)
+            h = conv(top, 3, "conv_in", self.dtype)(h)
             h = MidBlock(top, self.dtype, name="mid_block")(h)
             for j in range(cfg.num_res_blocks + 1):  # up_blocks_0 is the deepest level
                 h = ResnetBlock(top, self.dtype, name=f"up_blocks_0_resnets_{j}")(h)
@@ -253,7 +246,7 @@ class Decoder(nn.Module):
             if i < last:
                 h = Upsample(cfg.ch * mult, self.dtype, name=f"up_blocks_{i}_upsamplers_0")(h)
         h = nn.silu(_norm("conv_norm_out", self.dtype)(h))
-        return _conv(cfg.out_channels, 3, "conv_out", self.dtype)(h)
+        return conv(cfg.out_channels, 3, "conv_out", self.dtype)(h)
 
 
 class AutoencoderKL(nn.Module):
@@ -307,11 +300,6 @@ class AutoencoderKL(nn.Module):
 
 
 # ------------------------------------------------------------------------ the posterior
-def posterior_mode(mean: Array, logvar: Array) -> Array:
-    del logvar
-    return mean
-
-
 def posterior_sample(mean: Array, logvar: Array, rng: jax.Array) -> Array:
     """z = mean + exp(logvar / 2) * eps, eps ~ N(0, I)."""
     return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)

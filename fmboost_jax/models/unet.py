@@ -23,12 +23,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fmboost_jax.models.layers import conv, dense, torch_default_init, upsample_nearest, zeros
+
 Array = jax.Array
 Dtype = Any
-
-# PyTorch's default init for Conv/Linear weights: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-zeros = nn.initializers.zeros
 
 GROUPS = 32
 NORM_EPS = 1e-5  # PyTorch's GroupNorm default (Flax's is 1e-6).
@@ -78,19 +76,6 @@ def _group_norm(name: str, dtype: Dtype) -> GroupNorm:
     return GroupNorm(dtype=dtype, name=name)
 
 
-def _conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1,
-          zero_init: bool = False) -> nn.Conv:
-    pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=((pad, pad), (pad, pad)), dtype=dtype, name=name,
-                   kernel_init=zeros if zero_init else torch_default_init)
-
-
-def _dense(features: int, name: str, dtype: Dtype, zero_init: bool = False) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, name=name,
-                    kernel_init=zeros if zero_init else torch_default_init)
-
-
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-Conv, time embedding (scale-shift or additive), GroupNorm-SiLU-Dropout-Conv(0)."""
     out_channels: int
@@ -101,9 +86,9 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, emb: Array, train: bool = False) -> Array:
         h = nn.silu(_group_norm("in_layers_0", self.dtype)(x))
-        h = _conv(self.out_channels, 3, "in_layers_2", self.dtype)(h)
+        h = conv(self.out_channels, 3, "in_layers_2", self.dtype)(h)
         emb_dim = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
-        emb_out = _dense(emb_dim, "emb_layers_1", self.dtype)(nn.silu(emb)).astype(jnp.float32)
+        emb_out = dense(emb_dim, "emb_layers_1", self.dtype)(nn.silu(emb)).astype(jnp.float32)
         norm = _group_norm("out_layers_0", self.dtype)
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
@@ -112,9 +97,9 @@ class ResBlock(nn.Module):
             h = norm(h + emb_out[:, None, None, :].astype(h.dtype))
         h = nn.silu(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = _conv(self.out_channels, 3, "out_layers_3", self.dtype, zero_init=True)(h)
+        h = conv(self.out_channels, 3, "out_layers_3", self.dtype, zero_init=True)(h)
         if x.shape[-1] != self.out_channels:
-            x = _conv(self.out_channels, 1, "skip_connection", self.dtype)(x)
+            x = conv(self.out_channels, 1, "skip_connection", self.dtype)(x)
         return x + h
 
 
@@ -153,12 +138,12 @@ class SpatialSelfAttention(nn.Module):
         n = h * w
         inner = self.heads * self.dim_head
         x_flat = x.reshape(b, n, c)
-        qkv = _dense(3 * inner, "qkv", self.dtype)(_group_norm("norm", self.dtype)(x_flat))
+        qkv = dense(3 * inner, "qkv", self.dtype)(_group_norm("norm", self.dtype)(x_flat))
         qkv = jnp.swapaxes(qkv, 1, 2).reshape(b, self.heads, n, 3 * self.dim_head)
         q, k, v = jnp.split(qkv, 3, axis=-1)
         attn = linear_attention if self.use_linear else softmax_attention
         out = attn(q, k, v).reshape(b, inner, n)
-        out = _dense(c, "proj_out", self.dtype, zero_init=True)(jnp.swapaxes(out, 1, 2))
+        out = dense(c, "proj_out", self.dtype, zero_init=True)(jnp.swapaxes(out, 1, 2))
         return (x_flat + out).reshape(b, h, w, c)
 
 
@@ -170,7 +155,7 @@ class Downsample(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         if self.use_conv:
-            return _conv(x.shape[-1], 3, "op", self.dtype, stride=2)(x)
+            return conv(x.shape[-1], 3, "op", self.dtype, stride=2)(x)
         return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
@@ -181,9 +166,9 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        x = upsample_nearest(x)
         if self.use_conv:
-            x = _conv(x.shape[-1], 3, "conv", self.dtype)(x)
+            x = conv(x.shape[-1], 3, "conv", self.dtype)(x)
         return x
 
 
@@ -200,9 +185,11 @@ class UnPool2d(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         f, c_in = self.factor, x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
-                                                                        in_axis=-1, out_axis=(0, 1, 2)),
-                            (f, f, c_in, self.features))
+        # torch's ConvTranspose2d weight is (in, out, f, f) and its default init takes fan_in
+        # from dim 1 and the receptive field: out * f^2, here the axes (0, 1, 3).
+        init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=(0, 1, 3),
+                                                out_axis=2)
+        kernel = self.param("kernel", init, (f, f, c_in, self.features))
         bias = self.param("bias", zeros, (self.features,))
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         y = jnp.einsum("bijc,xyco->bixjyo", x, kernel)
@@ -211,7 +198,8 @@ class UnPool2d(nn.Module):
 
 
 class EfficientUNet(nn.Module):
-    """UNet of the paper. Hyperparameter names are the reference's.
+    """UNet of the paper. Hyperparameter names are the reference's; their values come from
+    `config.unet` (`EfficientUNet(**config.unet)`), the released ones in `base_config()`.
 
     Attributes:
       in_channels: channels after concatenating `x` and `context` (8 for SD latents
@@ -228,16 +216,21 @@ class EfficientUNet(nn.Module):
     model_channels: int
     out_channels: int
     num_res_blocks: int
-    attention_resolutions: Sequence[int] = ()
-    dropout: float = 0.0
-    channel_mult: Sequence[int] = (1, 2, 4, 8)
-    conv_resample: bool = True
-    dim_head: int = 64
-    num_heads: int = 4
-    use_linear_attn: bool = False
-    use_scale_shift_norm: bool = True
-    pool_factor: int = -1
+    attention_resolutions: Sequence[int]
+    dropout: float
+    channel_mult: Sequence[int]
+    conv_resample: bool
+    dim_head: int
+    num_heads: int
+    use_linear_attn: bool
+    use_scale_shift_norm: bool
+    pool_factor: int
     dtype: Dtype = jnp.float32
+
+    @property
+    def downsampling(self) -> int:
+        """Total down-sampling factor: input sizes must be multiples of it."""
+        return 2 ** (len(self.channel_mult) - 1) * max(self.pool_factor, 1)
 
     @nn.compact
     def __call__(self, x: Array, t: Array, context: Array | None = None,
@@ -246,7 +239,7 @@ class EfficientUNet(nn.Module):
         C, dt = self.model_channels, self.dtype
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
         emb = timestep_embedding(t, C)
-        emb = _dense(4 * C, "time_embed_2", dt)(nn.silu(_dense(4 * C, "time_embed_0", dt)(emb)))
+        emb = dense(4 * C, "time_embed_2", dt)(nn.silu(dense(4 * C, "time_embed_0", dt)(emb)))
 
         if context is not None:
             x = jnp.concatenate([x, context.astype(x.dtype)], axis=-1)
@@ -263,7 +256,7 @@ class EfficientUNet(nn.Module):
         attn = dict(heads=self.num_heads, dim_head=self.dim_head, dtype=dt)
 
         # Down path: every block's output is kept as a skip.
-        hs = [_conv(C, 3, "input_blocks_0_0", dt)(h)]
+        hs = [conv(C, 3, "input_blocks_0_0", dt)(h)]
         h, ds, block = hs[0], 1, 1
         for level, mult in enumerate(self.channel_mult):
             for _ in range(self.num_res_blocks):
@@ -303,33 +296,8 @@ class EfficientUNet(nn.Module):
 
         h = nn.silu(_group_norm("out_0", dt)(h))
         if self.pool_factor > 1:
-            h = _conv(C, 3, "out_2", dt)(h)
+            h = conv(C, 3, "out_2", dt)(h)
             h = UnPool2d(self.out_channels, self.pool_factor, dt, name="un_pool")(h)
         else:
-            h = _conv(self.out_channels, 3, "out_2", dt, zero_init=True)(h)
+            h = conv(self.out_channels, 3, "out_2", dt, zero_init=True)(h)
         return h.astype(jnp.float32)
-
-
-def unet_from_config(cfg: Any, dtype: Dtype = jnp.float32) -> EfficientUNet:
-    """Builds the UNet from a ConfigDict / mapping with the reference's field names."""
-    get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
-    return EfficientUNet(
-        in_channels=get("in_channels"),
-        model_channels=get("model_channels"),
-        out_channels=get("out_channels"),
-        num_res_blocks=get("num_res_blocks"),
-        attention_resolutions=tuple(get("attention_resolutions", ())),
-        dropout=get("dropout", 0.0),
-        channel_mult=tuple(get("channel_mult", (1, 2, 4, 8))),
-        conv_resample=get("conv_resample", True),
-        dim_head=get("dim_head", 64),
-        num_heads=get("num_heads", 4),
-        use_linear_attn=get("use_linear_attn", False),
-        use_scale_shift_norm=get("use_scale_shift_norm", True),
-        pool_factor=get("pool_factor", -1),
-        dtype=dtype,
-    )
-
-
-def count_params(params: Any) -> int:
-    return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

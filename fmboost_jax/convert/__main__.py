@@ -1,0 +1,84 @@
+"""Command line: `python -m fmboost_jax.convert unet|vae --src FILE --dst DIR ...`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from fmboost_jax import config as config_lib
+from fmboost_jax.cfm.model import CFM
+from fmboost_jax.convert import __doc__ as DOC
+from fmboost_jax.convert.torch_io import load_torch_state_dict, save_params
+from fmboost_jax.convert.unet import unet_params_from_torch
+from fmboost_jax.convert.vae import vae_params_from_torch
+from fmboost_jax.models import autoencoder
+from fmboost_jax.models.autoencoder import AutoencoderKL
+from fmboost_jax.models.layers import count_params
+
+
+def _run_unet(args: argparse.Namespace) -> int:
+    """`unet` subcommand: reference UNet checkpoint -> orbax params directory."""
+    unet = CFM.from_config(config_lib.load_config(args.config)).unet
+    state_dict = load_torch_state_dict(args.src, allow_pickle=args.allow_pickle)
+    params = unet_params_from_torch(state_dict, unet, which=args.which)
+    dst = save_params(args.dst, params, overwrite=args.overwrite)
+    print(f"wrote {count_params(params):,} UNet parameters to {dst}")
+    return 0
+
+
+def _run_vae(args: argparse.Namespace) -> int:
+    """`vae` subcommand: PyTorch VAE checkpoint (either layout) -> orbax params directory."""
+    model = AutoencoderKL(autoencoder.preset(args.preset))
+    state_dict = load_torch_state_dict(args.src, allow_pickle=args.allow_pickle)
+    params = vae_params_from_torch(state_dict, model)
+    dst = save_params(args.dst, params, overwrite=args.overwrite)
+    print(f"wrote {count_params(params):,} VAE parameters ({args.preset}) to {dst}")
+    return 0
+
+
+def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--src", required=True, help="PyTorch checkpoint (.ckpt/.pt/.bin/.safetensors)")
+    parser.add_argument("--dst", required=True, help="output orbax checkpoint directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="torch.load with weights_only=False (trusted files only)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One subparser per network; each sets `func(args) -> exit code`."""
+    parser = argparse.ArgumentParser(prog="python -m fmboost_jax.convert", description=DOC,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    unet = commands.add_parser("unet", help="convert the flow-matching EfficientUNet")
+    _add_common_arguments(unet)
+    unet.add_argument("--config", required=True, help="ml_collections config file with `config.unet`")
+    unet.add_argument("--which", choices=("ema", "model"), default=None,
+                      help="EMA or online weights of a training checkpoint (default: EMA if present)")
+    unet.set_defaults(func=_run_unet)
+
+    vae = commands.add_parser("vae", help="convert a KL-VAE (SD, SDXL, SD3, FLUX)")
+    _add_common_arguments(vae)
+    vae.add_argument("--preset", choices=sorted(autoencoder.PRESETS), default="sd",
+                     help="architecture of the checkpoint (default: sd; sdxl has the same shapes)")
+    vae.set_defaults(func=_run_vae)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, ImportError) as err:   # the user's input, not a bug
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run() -> None:
+    """Console script `fmboost-convert`."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,1 @@
+"""Parallelism: the device mesh and sharding rules, and joining a multi-process run."""

@@ -1,0 +1,61 @@
+"""Command line: `python -m fmboost_jax.train --config=configs/X.py --workdir=DIR`.
+
+Fields of the config can be overridden with `--config.a.b=value`; rerunning with the
+same workdir resumes from its latest checkpoint. A multi-process run starts this command
+once per process (see `fmboost_jax/distributed.py` and `launch/`). On SIGTERM the run saves
+a checkpoint at the next step and exits with status 0.
+"""
+
+import logging as pylogging
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from fmboost_jax.config import ConfigError
+from fmboost_jax.parallel import distributed
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples "
+                               "(local or gs://).")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
+                                 "Join a multi-process run: auto (if SLURM or the flags/JAX_* "
+                                 "variables say so), on (TPU pods), off.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Processes in the run (default: $JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's id (default: $JAX_PROCESS_ID).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(pylogging.Filter):
+    """Drops the INFO chatter of orbax (one line per checkpoint file operation)."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                           _PROCESS_ID.value)
+    from fmboost_jax.train.loop import train_and_evaluate  # after the processes are connected
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except ConfigError as err:         # the user's config: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run() -> None:
+    """Console script `fmboost-train`."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

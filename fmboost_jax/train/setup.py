@@ -1,0 +1,128 @@
+"""Everything a training run needs before its first step, built from the config.
+
+`startup_checks(config)` runs the checks of files, devices and data together, before anything is
+written; `build_run(config, workdir)` makes the mesh, the model, the sharded state (restored from
+the latest checkpoint when there is one), the input pipeline, the evaluator and the compiled
+update step, and returns them as one `Run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from etils import epath
+
+from fmboost_jax import paths
+from fmboost_jax.cfm.model import CFM
+from fmboost_jax.config import ConfigError
+from fmboost_jax.data import pipeline as data_pipeline
+from fmboost_jax.evaluation.evaluator import Evaluator
+from fmboost_jax.first_stage.vae import RANDOM_WEIGHTS, missing_checkpoint_message
+from fmboost_jax.models.layers import count_params
+from fmboost_jax.parallel import sharding as sharding_lib
+from fmboost_jax.train import checkpointing
+from fmboost_jax.train.meter import Meter, flops_of, peak_tflops
+from fmboost_jax.train.state import TrainState, create_train_state, make_optimizer
+from fmboost_jax.train.step import make_train_step
+
+PyTree = Any
+
+
+def check_resources(config: ml_collections.ConfigDict) -> None:
+    """The config against this machine: the VAE checkpoint exists, the mesh fits the devices
+    and the batch splits over them. Raises ConfigError naming the field."""
+    fs = config.first_stage
+    if fs.name != "identity" and fs.checkpoint != RANDOM_WEIGHTS:
+        if not epath.Path(paths.resolve(fs.checkpoint)).exists():
+            raise ConfigError("first_stage.checkpoint", missing_checkpoint_message(fs.checkpoint))
+    try:
+        sharding_lib.mesh_shape(config.mesh, jax.device_count())
+    except ValueError as e:
+        raise ConfigError("mesh", str(e).removeprefix("config.mesh: ")) from None
+    if config.batch_size % jax.device_count():
+        raise ConfigError("batch_size", f"{config.batch_size} is not divisible by the "
+                          f"{jax.device_count()} devices ({jax.process_count()} processes) it is "
+                          "split over")
+
+
+def startup_checks(config: ml_collections.ConfigDict) -> None:
+    """Files, devices and data, checked together before any work is done."""
+    check_resources(config)
+    data_pipeline.check_data(config)
+
+
+@dataclasses.dataclass
+class Run:
+    """The parts of a training run; `state` and `train_iter` change as it goes."""
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    cfm: CFM
+    fs_params: PyTree
+    state: TrainState
+    train_iter: Any
+    first_batch: dict[str, jax.Array]
+    train_step: Any                    # compiled (state, fs_params, batch) -> (state, metrics)
+    evaluator: Evaluator
+    checkpoints: Any                   # orbax CheckpointManager
+    meter: Meter
+    eval_rng: jax.Array
+
+
+def _state(config: ml_collections.ConfigDict, cfm: CFM, tx: optax.GradientTransformation,
+           mesh: jax.sharding.Mesh, mngr: Any, rngs: tuple[jax.Array, jax.Array]):
+    """The sharded state (restored when the workdir has a checkpoint) and the data state."""
+    init = lambda a, b: create_train_state(cfm.init_params(a), tx, b)
+    abstract = jax.eval_shape(init, *rngs)
+    shardings = sharding_lib.state_shardings(abstract, mesh, config.fsdp_min_size)
+    logging.info("UNet parameters: %s", f"{count_params(abstract.params):,}")
+    restored = checkpointing.restore(mngr, checkpointing.abstract_with_shardings(abstract,
+                                                                                  shardings))
+    if restored is None:
+        return jax.jit(init, out_shardings=shardings)(*rngs), None, shardings
+    return (*restored, shardings)
+
+
+def _train_iterator(config: ml_collections.ConfigDict, start_step: int, data_state: Any):
+    """This process's part of every global batch, positioned at `start_step`."""
+    pid, nproc = jax.process_index(), jax.process_count()
+    if data_state is None and start_step > 0:
+        logging.warning("The checkpoint holds no input-pipeline state for %d processes: the "
+                        "input restarts at step %d (shuffled sources on a new order).", nproc,
+                        start_step)
+    it = data_pipeline.create_train_iterator(config, pid, nproc,
+                                             start_step=start_step if data_state is None else 0)
+    if data_state is not None:
+        it.set_state(data_state)
+    return it
+
+
+def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
+    """Mesh, model, state (auto-resumed), data, evaluator and the compiled update step."""
+    mesh = sharding_lib.make_mesh(config.mesh)
+    logging.info("Process %d of %d; mesh %s over %d devices (%s)", jax.process_index(),
+                 jax.process_count(), dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
+    cfm = CFM.from_config(config)
+    init_rng, fs_rng, state_rng, eval_rng = jax.random.split(jax.random.PRNGKey(config.seed), 4)
+    fs_params = sharding_lib.put_replicated(cfm.first_stage.init_params(fs_rng), mesh)
+    tx = make_optimizer(config.optim)
+    mngr = checkpointing.checkpoint_manager(workdir, config.keep_checkpoints, config.keep_every)
+    state, data_state, shardings = _state(config, cfm, tx, mesh, mngr, (init_rng, state_rng))
+    train_iter = _train_iterator(config, int(state.step), data_state)
+    evaluator = Evaluator(cfm, config, data_pipeline.eval_images(config), mesh)
+    first_batch = sharding_lib.global_batch(next(train_iter), mesh)
+    replicated = sharding_lib.replicated(mesh)
+    train_step = jax.jit(
+        make_train_step(cfm, tx, config),
+        in_shardings=(shardings, replicated, sharding_lib.batch_sharding(mesh)),
+        out_shardings=(shardings, replicated), donate_argnums=(0,),
+    ).lower(state, fs_params, first_batch).compile()
+    peak = peak_tflops(jax.devices()[0].device_kind, jnp.dtype(cfm.unet.dtype).name)
+    meter = Meter(config.batch_size, mesh.size, config.total_steps, flops_of(train_step), peak)
+    return Run(config, mesh, cfm, fs_params, state, train_iter, first_batch, train_step,
+               evaluator, mngr, meter, eval_rng)

@@ -1,0 +1,91 @@
+"""Tests of fmboost_jax/cfm/model.py: the training pair of every coupling, in pixel space and in
+a VAE's latent space, precomputed latents, and output sizes that follow the input."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from support import config, tiny_pixel_config
+
+from fmboost_jax.cfm.model import CFM
+from fmboost_jax.cfm.upsampling import LowRes, upsample
+from fmboost_jax.config import ConfigError, validate
+from fmboost_jax.data import photos
+from fmboost_jax.first_stage import AutoencoderFirstStage
+
+MODES = ("psu", "bilinear", "nearest", "noise_upsampling")
+PAIRS = list(itertools.product(MODES, MODES + ("",)))
+
+
+def _cfm(space: str, mode: str, context_mode: str, upscale_one: bool = False):
+    c = tiny_pixel_config() if space == "pixels" else config("lhq:smoke")
+    c.coupling.update(upsampling_mode=mode, upsampling_mode_context=context_mode,
+                      noising_step=-1)
+    if upscale_one:
+        c.low_res_size = c.high_res_size
+    validate(c)
+    cfm = CFM.from_config(c)
+    return cfm, cfm.first_stage.init_params(jax.random.PRNGKey(0)), c.high_res_size
+
+
+@pytest.fixture(scope="module")
+def images():
+    return {s: jnp.asarray(photos.PhotoCrops(("astronaut",), s, 2, 0).batch(0)["image"])
+            for s in (16, 64)}
+
+
+@pytest.mark.parametrize("space", ["pixels", "vae"])
+@pytest.mark.parametrize("mode,context_mode", PAIRS)
+def test_every_upsampling_pair_gives_the_source_and_context_of_its_modes(space, mode,
+                                                                       context_mode, images):
+    cfm, fs_params, size = _cfm(space, mode, context_mode)
+    x0, x1, ctx = cfm.prepare(fs_params, {"image": images[size]}, jax.random.PRNGKey(1))
+    assert x0.shape == x1.shape == ctx.shape
+    lowres = LowRes(images=cfm.lowres_images(images[size]))
+    for got, m in ((x0, mode), (ctx, context_mode or mode)):
+        if m != "noise_upsampling":          # the others are deterministic
+            want = upsample(m, lowres, x1.shape[1:3], cfm.first_stage, fs_params, None)
+            np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("space", ["pixels", "vae"])
+def test_identity_takes_the_latent_as_it_is_and_needs_equal_sizes(space, images):
+    cfm, fs_params, size = _cfm(space, "identity", "", upscale_one=True)
+    x0, x1, ctx = cfm.prepare(fs_params, {"image": images[size]}, jax.random.PRNGKey(1))
+    np.testing.assert_allclose(x0, x1, atol=1e-5)          # the image is its own low-res version
+    c = tiny_pixel_config()
+    c.coupling.update(upsampling_mode="nearest", upsampling_mode_context="identity")
+    with pytest.raises(ConfigError, match=r"config\.coupling\.upsampling_mode_context.*identity"):
+        validate(c)
+
+
+def test_the_loss_of_a_psu_source_with_another_context_mode_is_finite(images):
+    cfm, fs_params, _ = _cfm("vae", "psu", "bilinear")
+    params = cfm.init_params(jax.random.PRNGKey(2))
+    loss = cfm.loss(params, fs_params, {"image": images[64]}, jax.random.PRNGKey(3))
+    assert np.isfinite(float(loss)) and float(loss) > 0
+
+
+def test_precomputed_latents_give_the_pairs_encoding_on_the_fly_gives(images):
+    cfm, fs_params, _ = _cfm("vae", "psu", "")
+    fs = cfm.first_stage
+    assert isinstance(fs, AutoencoderFirstStage)
+    x = images[64]
+    psu = upsample("psu", LowRes(images=cfm.lowres_images(x)), (8, 8), fs, fs_params, None)
+    stored = {"image": x,
+              "latent": fs.moments(fs_params, x)[0],                            # unscaled
+              "latent_lowres": psu / fs.scale_factor + fs.shift_factor}          # unscaled
+    rng = jax.random.PRNGKey(1)
+    for a, b in zip(cfm.prepare(fs_params, {"image": x}, rng), cfm.prepare(fs_params, stored, rng)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_latent_sizes_follow_the_input_and_unsuitable_sizes_are_named():
+    cfm = CFM.from_config(config("lhq:smoke"))        # VAE factor 8, UNet down-sampling 2
+    assert cfm.upscale == 2 and cfm.size_multiple == 16
+    assert cfm.latent_size((64, 64)) == (8, 8)
+    assert cfm.latent_size((96, 128)) == (12, 16)
+    with pytest.raises(ValueError, match=r"output size 72x72 px is not a multiple of 16"):
+        cfm.latent_size((72, 72))

@@ -1,0 +1,82 @@
+"""Tests of fmboost_jax/sharding.py: mesh resolution, FSDP rules, and sharded training steps that
+match the single-device step (8 fake CPU devices in a subprocess)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from fmboost_jax.parallel import sharding
+
+from support import ROOT
+
+
+def test_mesh_sizes_resolve_minus_one_to_the_remaining_devices():
+    assert sharding.mesh_shape((("data", -1), ("fsdp", 1)), 8) == (8, 1)
+    assert sharding.mesh_shape((("data", 2), ("fsdp", -1)), 8) == (2, 4)
+    assert sharding.mesh_shape((("fsdp", 4), ("data", 2)), 8) == (4, 2)
+
+
+@pytest.mark.parametrize("axes, devices, message", [
+    ((("data", 3), ("fsdp", -1)), 8, "not divisible"),
+    ((("data", 2), ("fsdp", 2)), 8, "needs 4 devices"),
+    ((("data", -1), ("fsdp", -1)), 8, "at most one -1"),
+    ((("data", -1), ("model", 1)), 8, "axes must be"),
+])
+def test_bad_meshes_are_rejected_with_the_reason(axes, devices, message):
+    with pytest.raises(ValueError, match=message):
+        sharding.mesh_shape(axes, devices)
+
+
+def test_fsdp_shards_the_largest_divisible_dimension_of_big_arrays_only():
+    assert sharding.fsdp_spec((3, 3, 64, 128), 4, 1000) == sharding.P(None, None, None, "fsdp")
+    assert sharding.fsdp_spec((512, 6), 4, 1000) == sharding.P("fsdp", None)
+    assert sharding.fsdp_spec((3, 3, 6, 7), 4, 10) == sharding.P()         # nothing divides
+    assert sharding.fsdp_spec((128,), 4, 1000) == sharding.P()             # too small
+    assert sharding.fsdp_spec((3, 3, 64, 128), 1, 0) == sharding.P()       # no fsdp axis
+
+
+@pytest.mark.slow
+def test_data_parallel_and_fsdp_steps_and_samples_match_the_single_device_ones():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_step.py")],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    report = json.loads(line[len("RESULT "):])
+    assert report["fsdp"]["sharded_arrays"] > 50          # FSDP really shards the state
+    assert report["data_parallel"]["sharded_arrays"] == 0
+    for name in ("data_parallel", "fsdp"):
+        r = report[name]
+        assert r["step"] == 2
+        # Same math, different reduction order: float32 rounding only. Adam divides by the
+        # gradient's RMS, so parameter differences are ~1e-5 of their scale after a few steps.
+        assert r["loss_diff"] <= 1e-6 * max(report["single"]["losses"]) + 1e-9, r
+        assert r["max_state_diff"] <= 1e-4 * r["param_scale"], r
+        assert r["sample_diff"] <= 1e-4, r                # images in [-1, 1]
+
+
+def test_checkpoints_keep_the_latest_n_plus_every_kth_step(tmp_path):
+    import jax.numpy as jnp
+    from fmboost_jax.train import checkpointing
+
+    class Position:  # the smallest input-pipeline state
+        def __init__(self, step):
+            self.step = step
+
+        def get_state(self):
+            return {"step": self.step}
+
+    mngr = checkpointing.checkpoint_manager(str(tmp_path), keep=2, keep_every=4)
+    for step in range(1, 11):
+        checkpointing.save(mngr, step, {"w": jnp.full((3,), float(step))}, Position(step))
+    mngr.wait_until_finished()
+    assert sorted(mngr.all_steps()) == [4, 8, 9, 10]
+    abstract = {"w": jax.ShapeDtypeStruct((3,), jnp.float32,
+                                          sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+    state, data = checkpointing.restore(mngr, abstract, step=8)
+    assert state["w"].tolist() == [8.0] * 3 and data == {"step": 8}
+    mngr.close()
