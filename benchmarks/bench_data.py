@@ -164,7 +164,7 @@ def main() -> None:
     from fmboost_jax.first_stage import AutoencoderFirstStage
     from fmboost_jax.models import autoencoder as ae
     from fmboost_jax.train.meter import flops_of
-    fs = AutoencoderFirstStage(ae.preset("sd"), random_init=True)
+    fs = AutoencoderFirstStage(ae.preset("sd"), checkpoint="random")
     params = jax.eval_shape(fs.init_params, jax.random.PRNGKey(0))
     image = jax.ShapeDtypeStruct((1, args.size, args.size, 3), jnp.float32)
     enc = flops_of(jax.jit(fs.encode).lower(params, image).compile())

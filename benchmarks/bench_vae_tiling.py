@@ -36,7 +36,7 @@ def run_case(args: argparse.Namespace) -> dict:
 
     cfg = ae.preset(args.preset)
     tile = args.tile if args.mode == "tiled" else 0
-    fs = AutoencoderFirstStage(cfg, random_init=True, dtype=DTYPES[args.dtype], tile_size=tile,
+    fs = AutoencoderFirstStage(cfg, checkpoint="random", dtype=DTYPES[args.dtype], tile_size=tile,
                                tile_overlap=args.overlap, tile_shared_stats=bool(args.shared_stats))
     params = fs.init_params(jax.random.PRNGKey(0))
     f = cfg.downsample_factor

@@ -149,7 +149,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
             f"_fmboost_config_{os.path.splitext(os.path.basename(path))[0]}", path)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    return module.get_config(arg) if arg else module.get_config()
 
 
 # ------------------------------------------------------------------------ checks

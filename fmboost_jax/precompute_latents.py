@@ -35,7 +35,7 @@ def main(argv):
     try:
         precompute(_CONFIG.value, os.path.expanduser(_WORKDIR.value), _SPLIT.value,
                    _BATCH.value, _CHUNK.value, _STORE_IMAGES.value)
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -21,7 +21,7 @@ from fmboost_jax.cfm.model import CFM  # noqa: E402
 from fmboost_jax.data import photos  # noqa: E402
 from fmboost_jax.cfm.sampling import make_sample_fn  # noqa: E402
 from fmboost_jax.train.state import create_train_state, make_optimizer  # noqa: E402
-from fmboost_jax.train.loop import make_train_step  # noqa: E402
+from fmboost_jax.train.step import make_train_step  # noqa: E402
 
 STEPS = 2
 

@@ -47,9 +47,7 @@ class CFM:
 
     @classmethod
     def from_config(cls, config: Any) -> "CFM":
-        fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v
-                  for k, v in config.unet.items()}
-        unet = EfficientUNet(**fields, dtype=config_lib.dtype(config.dtype))
+        unet = EfficientUNet.from_config(config.unet, config_lib.dtype(config.dtype))
         return cls(unet=unet, first_stage=first_stage_from_config(config),
                    coupling=Coupling.from_config(config.coupling),
                    upscale=config.high_res_size // config.low_res_size,

@@ -7,7 +7,6 @@ import sys
 from typing import Sequence
 
 from fmboost_jax import config as config_lib
-from fmboost_jax.cfm.model import CFM
 from fmboost_jax.convert import __doc__ as DOC
 from fmboost_jax.convert.torch_io import load_torch_state_dict, save_params
 from fmboost_jax.convert.unet import unet_params_from_torch
@@ -15,11 +14,12 @@ from fmboost_jax.convert.vae import vae_params_from_torch
 from fmboost_jax.models import autoencoder
 from fmboost_jax.models.autoencoder import AutoencoderKL
 from fmboost_jax.models.layers import count_params
+from fmboost_jax.models.unet import EfficientUNet
 
 
 def _run_unet(args: argparse.Namespace) -> int:
     """`unet` subcommand: reference UNet checkpoint -> orbax params directory."""
-    unet = CFM.from_config(config_lib.load_config(args.config)).unet
+    unet = EfficientUNet.from_config(config_lib.load_config(args.config).unet)
     state_dict = load_torch_state_dict(args.src, allow_pickle=args.allow_pickle)
     params = unet_params_from_torch(state_dict, unet, which=args.which)
     dst = save_params(args.dst, params, overwrite=args.overwrite)

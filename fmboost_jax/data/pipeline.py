@@ -136,6 +136,9 @@ class PhotoIterator:
     def set_state(self, state: dict[str, int]) -> None:
         self.step = int(state["step"])
 
+    def close(self) -> None:
+        """Nothing to stop: the crops are made in this process."""
+
 
 def process_shard(ds: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
     """Every `process_count`-th example from `process_index`: disjoint shards covering `ds`."""

@@ -227,6 +227,12 @@ class EfficientUNet(nn.Module):
     pool_factor: int
     dtype: Dtype = jnp.float32
 
+    @classmethod
+    def from_config(cls, unet: Any, dtype: Dtype = jnp.float32) -> "EfficientUNet":
+        """The UNet of a `config.unet` block."""
+        return cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
+                      for k, v in unet.items()}, dtype=dtype)
+
     @property
     def downsampling(self) -> int:
         """Total down-sampling factor: input sizes must be multiples of it."""
@@ -243,6 +249,9 @@ class EfficientUNet(nn.Module):
 
         if context is not None:
             x = jnp.concatenate([x, context.astype(x.dtype)], axis=-1)
+        if x.shape[1] % self.downsampling or x.shape[2] % self.downsampling:
+            raise ValueError(f"EfficientUNet: input {x.shape[1]}x{x.shape[2]} is not a multiple "
+                             f"of the total down-sampling {self.downsampling}")
         if x.shape[-1] != self.in_channels:
             raise ValueError(f"EfficientUNet: in_channels={self.in_channels} but x and context "
                              f"together have {x.shape[-1]} channels (shape {x.shape}).")

@@ -47,7 +47,7 @@ def main(argv):
     from fmboost_jax.train.loop import train_and_evaluate  # after the processes are connected
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except ConfigError as err:         # the user's config: one line, no traceback
+    except (ConfigError, FileNotFoundError) as err:   # the user's config or data: one line
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

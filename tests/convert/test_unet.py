@@ -17,8 +17,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
+from flax import traverse_util  # noqa: E402
+
 from fmboost_jax import convert  # noqa: E402
-from fmboost_jax.models.unet import EfficientUNet, count_params  # noqa: E402
+from fmboost_jax.convert import __main__ as convert_cli  # noqa: E402
+from fmboost_jax.convert import unet as convert_unet  # noqa: E402
+from fmboost_jax.models.layers import count_params  # noqa: E402
+from fmboost_jax.models.unet import EfficientUNet  # noqa: E402
 from torch_unet_oracle import EfficientUNet as TorchUNet  # noqa: E402
 
 BASE = dict(in_channels=8, model_channels=32, out_channels=4, num_res_blocks=1,
@@ -109,17 +114,17 @@ def test_converted_torch_weights_give_the_same_velocity(name: str) -> None:
 def test_every_reference_key_maps_to_one_flax_param(base_state_dict: dict[str, np.ndarray],
                                                     base_shapes: dict[str, Any]) -> None:
     layouts = [convert.unet_layout(path, tuple(s.shape))
-               for path, s in convert.traverse_util.flatten_dict(base_shapes).items()]
+               for path, s in traverse_util.flatten_dict(base_shapes).items()]
     assert {key: shape for key, shape, _ in layouts} == {
         k: v.shape for k, v in base_state_dict.items()}
 
 
 def test_flax_module_names_become_torch_attribute_paths() -> None:
-    assert convert.torch_module_name("input_blocks_1_0") == "input_blocks.1.0"
-    assert convert.torch_module_name("in_layers_2") == "in_layers.2"
-    assert convert.torch_module_name("skip_connection") == "skip_connection"
-    assert convert.torch_module_name("pool") == "pool.down_conv"
-    assert convert.torch_module_name("un_pool") == "un_pool.up_conv"
+    assert convert_unet.torch_module_name("input_blocks_1_0") == "input_blocks.1.0"
+    assert convert_unet.torch_module_name("in_layers_2") == "in_layers.2"
+    assert convert_unet.torch_module_name("skip_connection") == "skip_connection"
+    assert convert_unet.torch_module_name("pool") == "pool.down_conv"
+    assert convert_unet.torch_module_name("un_pool") == "un_pool.up_conv"
     key, shape, _ = convert.unet_layout(("middle_block_1", "qkv", "kernel"), (64, 96))
     assert (key, shape) == ("middle_block.1.qkv.weight", (96, 64, 1))
 
@@ -180,7 +185,8 @@ def test_missing_unexpected_and_misshaped_keys_are_all_named(
         with pytest.raises(convert.CheckpointMismatchError, match=key.replace(".", r"\.")):
             convert.params_from_torch(broken(change), base_shapes, convert.unet_layout)
     with pytest.raises(ValueError) as info:
-        convert.params_from_torch(broken("missing", "extra", "wrong"), base_shapes)
+        convert.params_from_torch(broken("missing", "extra", "wrong"), base_shapes,
+                                  convert.unet_layout)
     message = str(info.value)
     assert all(key in message for key in (missing, extra, wrong))
     assert "(4, 32, 1, 1)" in message and "(4, 32, 3, 3)" in message
@@ -237,14 +243,14 @@ def test_the_cli_writes_an_orbax_checkpoint_of_the_converted_params(
     torch.save(ckpt, tmp_path / "last.ckpt")
     dst = tmp_path / "unet_params"
 
-    code = convert.main(["unet", "--src", str(tmp_path / "last.ckpt"), "--dst", str(dst),
+    code = convert_cli.main(["unet", "--src", str(tmp_path / "last.ckpt"), "--dst", str(dst),
                          "--config", str(config_path), "--which", "model"])
 
     assert code == 0
     expected = convert.params_from_torch(base_state_dict, base_shapes, convert.unet_layout)
     assert f"{count_params(expected):,}" in capsys.readouterr().out
     restored = ocp.StandardCheckpointer().restore(os.path.abspath(dst))
-    flat = convert.traverse_util.flatten_dict
+    flat = traverse_util.flatten_dict
     assert flat(restored).keys() == flat(expected).keys()
     for path, value in flat(expected).items():
         np.testing.assert_array_equal(np.asarray(flat(restored)[path]), value)

@@ -5,14 +5,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmboost_jax.models.unet import EfficientUNet, count_params, timestep_embedding
+from fmboost_jax.config import base_config
+from fmboost_jax.models.layers import count_params
+from fmboost_jax.models.unet import EfficientUNet, timestep_embedding
+
+
+def unet(**fields) -> EfficientUNet:
+    """The released UNet with `fields` changed."""
+    return EfficientUNet(**{**base_config().unet.to_dict(), **fields})
 
 
 def _small(**kw):
-    args = dict(in_channels=8, model_channels=32, out_channels=4, num_res_blocks=1,
-                attention_resolutions=(2,), channel_mult=(1, 2), dim_head=16, num_heads=2)
-    args.update(kw)
-    return EfficientUNet(**args)
+    return unet(**{**dict(model_channels=32, num_res_blocks=1, attention_resolutions=(2,),
+                          channel_mult=(1, 2), dim_head=16, num_heads=2), **kw})
 
 
 def _inputs(b=2, s=8):
@@ -22,20 +27,17 @@ def _inputs(b=2, s=8):
 
 
 def test_released_config_has_305_806_340_parameters():
-    unet = EfficientUNet(in_channels=8, model_channels=128, out_channels=4, num_res_blocks=3,
-                         attention_resolutions=(8, 16), channel_mult=(1, 2, 4, 8),
-                         dim_head=64, num_heads=4)
+    released = unet()
     x = jnp.zeros((1, 64, 64, 4))
-    shapes = jax.eval_shape(lambda: unet.init(jax.random.PRNGKey(0), x, jnp.zeros((1,)), x))
+    shapes = jax.eval_shape(lambda: released.init(jax.random.PRNGKey(0), x, jnp.zeros((1,)), x))
     assert count_params(shapes["params"]) == 305_806_340
 
 
 def test_reference_cpu_benchmark_config_has_15_646_916_parameters():
-    unet = EfficientUNet(in_channels=8, model_channels=64, out_channels=4, num_res_blocks=2,
-                         attention_resolutions=(4,), channel_mult=(1, 2, 4), dim_head=32,
-                         num_heads=4)
+    ref15m = unet(model_channels=64, num_res_blocks=2, attention_resolutions=(4,),
+                  channel_mult=(1, 2, 4), dim_head=32)
     x = jnp.zeros((1, 32, 32, 4))
-    shapes = jax.eval_shape(lambda: unet.init(jax.random.PRNGKey(0), x, jnp.zeros((1,)), x))
+    shapes = jax.eval_shape(lambda: ref15m.init(jax.random.PRNGKey(0), x, jnp.zeros((1,)), x))
     assert count_params(shapes["params"]) == 15_646_916
 
 
@@ -106,3 +108,22 @@ def test_wrong_channel_count_names_in_channels():
     unet = _small(in_channels=6)
     with pytest.raises(ValueError, match="in_channels=6"):
         unet.init(jax.random.PRNGKey(0), x, t, ctx)
+
+
+def test_inputs_that_do_not_suit_the_down_sampling_are_named():
+    with pytest.raises(ValueError, match=r"input 6x6 is not a multiple of the total down-sampling 4"):
+        _small(channel_mult=(1, 2, 2)).init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 4)),
+                                            jnp.zeros((1,)), jnp.zeros((1, 6, 6, 4)))
+
+
+def test_unpool_init_has_torchs_conv_transpose_bound():
+    import torch
+
+    from fmboost_jax.models.unet import UnPool2d
+    f, c_in, c_out = 4, 64, 8
+    kernel = UnPool2d(c_out, f).init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 2, c_in)))
+    kernel = np.asarray(kernel["params"]["kernel"])
+    torch_w = torch.nn.ConvTranspose2d(c_in, c_out, f, stride=f).weight.detach().numpy()
+    bound = 1 / np.sqrt(c_out * f * f)          # torch: fan_in from dim 1 times the kernel area
+    assert np.abs(torch_w).max() <= bound and np.abs(kernel).max() <= bound
+    np.testing.assert_allclose(kernel.std(), torch_w.std(), rtol=0.05)

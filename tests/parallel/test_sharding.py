@@ -6,12 +6,10 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
+from support import ROOT
 
 from fmboost_jax.parallel import sharding
-
-from support import ROOT
 
 
 def test_mesh_sizes_resolve_minus_one_to_the_remaining_devices():
@@ -57,26 +55,3 @@ def test_data_parallel_and_fsdp_steps_and_samples_match_the_single_device_ones()
         assert r["loss_diff"] <= 1e-6 * max(report["single"]["losses"]) + 1e-9, r
         assert r["max_state_diff"] <= 1e-4 * r["param_scale"], r
         assert r["sample_diff"] <= 1e-4, r                # images in [-1, 1]
-
-
-def test_checkpoints_keep_the_latest_n_plus_every_kth_step(tmp_path):
-    import jax.numpy as jnp
-    from fmboost_jax.train import checkpointing
-
-    class Position:  # the smallest input-pipeline state
-        def __init__(self, step):
-            self.step = step
-
-        def get_state(self):
-            return {"step": self.step}
-
-    mngr = checkpointing.checkpoint_manager(str(tmp_path), keep=2, keep_every=4)
-    for step in range(1, 11):
-        checkpointing.save(mngr, step, {"w": jnp.full((3,), float(step))}, Position(step))
-    mngr.wait_until_finished()
-    assert sorted(mngr.all_steps()) == [4, 8, 9, 10]
-    abstract = {"w": jax.ShapeDtypeStruct((3,), jnp.float32,
-                                          sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
-    state, data = checkpointing.restore(mngr, abstract, step=8)
-    assert state["w"].tolist() == [8.0] * 3 and data == {"step": 8}
-    mngr.close()

@@ -1,22 +1,20 @@
-"""Tests of fmboost_jax/trainer.py and train.py: learning, checkpoints, resume, the demo."""
+"""Tests of fmboost_jax/train/loop.py: learning, resume, NaN handling, latent-space training, and\na training step that compiles once per run."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from support import config
 
 from fmboost_jax.cfm.model import CFM
 from fmboost_jax.data import photos
+from fmboost_jax.train.loop import train_and_evaluate
 from fmboost_jax.train.state import create_train_state, make_optimizer
-from fmboost_jax.train.loop import make_train_step, train_and_evaluate
-
-from support import ROOT
+from fmboost_jax.train.step import make_train_step
 
 
 def test_a_few_training_steps_lower_the_loss(tiny_config):
@@ -68,26 +66,6 @@ def test_resumed_run_matches_an_uninterrupted_one(tiny_config, tmp_path):
     assert train_steps == [2, 3, 4, 6]      # the short run logs its last step; none twice
 
 
-@pytest.mark.slow
-def test_the_demo_config_runs_end_to_end_from_the_command_line(tmp_path):
-    workdir = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "fmboost_jax.train", "--config=configs/demo.py:smoke",
-           f"--workdir={workdir}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.load(open(workdir / "eval.json"))
-    for key in ("cfm/psnr", "cfm/ssim", "bilinear/psnr", "bilinear/ssim", "bicubic/psnr",
-                "bicubic/ssim", "nfe"):
-        assert np.isfinite(result[key]), key
-    assert result["step"] == 4
-    grids = os.listdir(workdir / "samples")
-    assert grids and all(g.endswith(".png") for g in grids)
-    rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
-    for key in ("step", "loss", "lr", "grad_norm", "steps_per_sec"):
-        assert key in rows[0]
-    assert any(f.startswith("events") for f in os.listdir(workdir / "tensorboard"))
-
-
 def test_a_nan_in_a_batch_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(
         tiny_config, tmp_path, monkeypatch):
     from fmboost_jax.data import pipeline
@@ -99,6 +77,7 @@ def test_a_nan_in_a_batch_stops_the_run_naming_the_step_and_keeps_the_last_check
         def __init__(self, *args, **kwargs):
             self.it = real(*args, **kwargs)
             self.get_state, self.set_state = self.it.get_state, self.it.set_state
+            self.close = self.it.close
 
         def __next__(self):
             step = self.it.get_state()["step"]
@@ -116,3 +95,43 @@ def test_a_nan_in_a_batch_stops_the_run_naming_the_step_and_keeps_the_last_check
     step, state = _final_params(str(tmp_path))
     assert step == 4 and int(state["step"]) == 4
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
+
+
+@pytest.mark.slow
+def test_the_lhq_config_trains_in_latent_space_and_samples(tmp_path):
+    c = config("lhq:smoke")
+    final = train_and_evaluate(c, str(tmp_path))
+    assert final["step"] == 3 and final["eval_size"] == 64
+    for key in ("cfm/psnr", "cfm/ssim", "bilinear/psnr", "bicubic/psnr"):
+        assert np.isfinite(final[key]), key
+    assert final["nfe"] == 2
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert os.listdir(tmp_path / "samples")
+
+
+def _lowerings(run) -> int:
+    """How many programs `run()` lowered to XLA (a new trace or a recompilation each)."""
+    count = [0]
+
+    def listen(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            count[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        run()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    return count[0]
+
+
+def test_the_training_step_compiles_once_per_run_however_long_it_runs(tiny_config, tmp_path):
+    tiny_config.unet.update(channel_mult=(1,), attention_resolutions=())
+    counts = []
+    for total in (2, 6):
+        c = tiny_config.copy_and_resolve_references()
+        c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = total, total, 2, 1
+        counts.append(_lowerings(lambda: train_and_evaluate(c, str(tmp_path / f"run{total}"))))
+    assert counts[0] == counts[1], counts

@@ -1,4 +1,4 @@
-"""Tests of fmboost_jax/train_state.py: learning-rate schedule and the EMA rule."""
+"""Tests of fmboost_jax/train/state.py: learning-rate schedule and the EMA rule."""
 
 import jax.numpy as jnp
 import ml_collections
@@ -9,12 +9,16 @@ from fmboost_jax.config import base_config
 from fmboost_jax.train.state import ema_decay, learning_rate_schedule, update_ema
 
 
-def test_learning_rate_warms_up_linearly_then_stays_constant():
-    sched = learning_rate_schedule(base_config().optim)  # lr 3e-5, 1000 warm-up steps
+def test_learning_rate_warms_up_as_the_references_lambda_lr_then_stays_constant():
+    optim = base_config().optim                      # lr 3e-5, 1000 warm-up steps
+    sched = learning_rate_schedule(optim)            # update n: lr * min(1, (n + 1) / 1000)
+    for n in (0, 1, 499, 998, 999, 1000, 50_000):
+        assert float(sched(n)) == pytest.approx(3e-5 * min(1.0, (n + 1) / 1000), rel=1e-4)
+    optim.warmup_from_zero = True                    # the option: update n gets lr * n / 1000
+    sched = learning_rate_schedule(optim)
     assert float(sched(0)) == 0.0
     assert float(sched(500)) == pytest.approx(1.5e-5)
     assert float(sched(1000)) == pytest.approx(3e-5)
-    assert float(sched(50_000)) == pytest.approx(3e-5)
 
 
 def test_ema_decay_follows_the_reference_warm_up_rule():

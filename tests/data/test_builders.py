@@ -1,0 +1,58 @@
+"""Tests of fmboost_jax/data/builders.py: the TFDS builders."""
+
+import os
+
+import numpy as np
+import pytest
+import skimage.data
+from photo_folder import config_for
+from PIL import Image
+
+from fmboost_jax.data import images as images_lib
+from fmboost_jax.data import pipeline, sources
+
+
+def test_the_faceshq_builder_reads_celebahq_arrays_and_ffhq_images_losslessly(tmp_path):
+    from fmboost_jax.data.prepare import prepare
+    manual = tmp_path / "faceshq"
+    (manual / "celebahq").mkdir(parents=True)
+    (manual / "ffhq").mkdir()
+    photos = {n: getattr(skimage.data, n)()[..., :3] for n in ("astronaut", "coffee", "rocket")}
+    for i, (name, img) in enumerate(photos.items()):     # PGGAN's (1, 3, H, W) uint8 arrays
+        np.save(manual / "celebahq" / f"imgHQ{i:05d}.npy", img.transpose(2, 0, 1)[None])
+        Image.fromarray(img).save(manual / "ffhq" / f"{i:05d}.png")
+    np.save(manual / "celebahq" / "imgHQ99999.npy", np.zeros((3, 8), np.float32))   # not an image
+    prepare("faceshq", str(manual), str(tmp_path / "tfds"))
+    train = sources.TfdsSource("faceshq", str(tmp_path / "tfds"), "train")
+    val = sources.TfdsSource("faceshq", str(tmp_path / "tfds"), "validation")
+    assert (len(train), len(val)) == (4, 2)        # the last file of each part validates
+    originals = {f"{d}/{f}": photos[n] for i, n in enumerate(photos)
+                 for d, f in (("celebahq", f"imgHQ{i:05d}.npy"), ("ffhq", f"{i:05d}.png"))}
+    for src in (train, val):
+        for i in range(len(src)):
+            ex = src[i]
+            name = ex["path"].split(":", 1)[1]
+            np.testing.assert_array_equal(images_lib.decode_rgb(ex["bytes"]), originals[name])
+    for f in (manual / "ffhq").iterdir():
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match="--manual_dir: no image files .* under .*ffhq"):
+        prepare("faceshq", str(manual), str(tmp_path / "tfds2"))
+    (manual / "ffhq").rmdir()
+    with pytest.raises(FileNotFoundError, match="--manual_dir: FacesHQ needs .*ffhq"):
+        prepare("faceshq", str(manual), str(tmp_path / "tfds2"))
+
+
+def test_the_tfds_builder_writes_the_usable_photos_and_the_pipeline_reads_them(photo_folder, tmp_path):
+    from fmboost_jax.data.prepare import prepare
+    out = prepare("image_folder", str(photo_folder), str(tmp_path / "tfds"), name="test_photos")
+    assert os.path.isdir(out)
+    train = sources.TfdsSource("test_photos", str(tmp_path / "tfds"), "train")
+    val = sources.TfdsSource("test_photos", str(tmp_path / "tfds"), "validation")
+    # 13 files, 1 for validation; fake, truncated and tiny (< 256 px) are left out.
+    assert len(train) + len(val) == 10 and len(val) == 1
+    names = {train[i]["path"].split(":", 1)[1] for i in range(len(train))}
+    assert "fake.jpg" not in names and "tiny.png" not in names and "cmyk.jpg" in names
+    config = config_for(tmp_path / "tfds", name="tfds", tfds_name="test_photos")
+    pipeline.check_data(config)
+    assert next(pipeline.create_train_iterator(config))["image"].shape == (4, 64, 64, 3)
+    assert pipeline.eval_images(config).shape == (1, 64, 64, 3)
