@@ -100,12 +100,12 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from fmboost_jax.config import base_config
     from fmboost_jax.cfm.upsampling import resize
+    from fmboost_jax.config import base_config
     from fmboost_jax.data import pipeline
 
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                if l.startswith("model name")), "unknown") if os.path.exists("/proc/cpuinfo") else "?"
+    cpu = next((row.split(":", 1)[1].strip() for row in open("/proc/cpuinfo")
+                if row.startswith("model name")), "unknown") if os.path.exists("/proc/cpuinfo") else "?"
     print(f"machine: cpu='{cpu}' cores={os.cpu_count()} jax={jax.__version__}")
 
     with tempfile.TemporaryDirectory() as tmp:

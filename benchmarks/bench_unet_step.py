@@ -28,8 +28,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,19 +39,19 @@ import optax
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fmboost_jax.cfm import ode
+from fmboost_jax.cfm import ode  # noqa: E402
+from fmboost_jax.config import base_config  # noqa: E402
+from fmboost_jax.models.layers import count_params  # noqa: E402
+from fmboost_jax.models.unet import EfficientUNet  # noqa: E402
 from fmboost_jax.parallel import sharding  # noqa: E402
-from fmboost_jax.models.unet import EfficientUNet, count_params  # noqa: E402
 from fmboost_jax.train.meter import flops_of, peak_tflops  # noqa: E402
 
-# name -> (UNet kwargs, default batch, default latent size). Latents have 4 channels and the
-# context (the up-sampled low-res latent) 4 more, so in_channels = 8.
+# name -> (changes to the released UNet, default batch, default latent size). Latents have 4
+# channels and the context (the up-sampled low-res latent) 4 more, so in_channels = 8.
 CONFIGS: dict[str, tuple[dict[str, Any], int, int]] = {
-    "ref15m": (dict(in_channels=8, model_channels=64, out_channels=4, num_res_blocks=2,
-                    channel_mult=(1, 2, 4), attention_resolutions=(4,), dim_head=32, num_heads=4), 8, 32),
-    "released": (dict(in_channels=8, model_channels=128, out_channels=4, num_res_blocks=3,
-                      channel_mult=(1, 2, 4, 8), attention_resolutions=(8, 16), dim_head=64,
-                      num_heads=4), 8, 64),
+    "ref15m": (dict(model_channels=64, num_res_blocks=2, channel_mult=(1, 2, 4),
+                    attention_resolutions=(4,), dim_head=32), 8, 32),
+    "released": ({}, 8, 64),
 }
 
 def make_unet_step(model: EfficientUNet, tx: optax.GradientTransformation) -> Callable:
@@ -173,7 +174,7 @@ def compare_device_counts(args: argparse.Namespace) -> None:
         for line in lines:
             if line.startswith(("machine:", "config:", "train ", "compile")):
                 print(f"[{n} devices] {line}")
-        result = [l for l in lines if l.startswith("RESULT ")]
+        result = [row for row in lines if row.startswith("RESULT ")]
         if proc.returncode or not result:
             raise SystemExit(f"run on {n} devices failed:\n{proc.stderr[-3000:]}")
         times[n] = json.loads(result[0][len("RESULT "):])["median_ms"]
@@ -202,7 +203,8 @@ def main() -> None:
     ap.add_argument("--torch-baseline", action="store_true", help="also time the PyTorch oracle (float32)")
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
     ap.add_argument("--reference-ms", type=float, default=768.0,
-                    help="reference training-step time to compare against (default: PyTorch, ref15m, 2 CPU cores)")
+                    help="reference training-step time to compare against "
+                         "(default: PyTorch, ref15m, 2 CPU cores)")
     ap.add_argument("--devices", default="",
                     help="comma-separated device counts, e.g. 1,8: time the data-parallel training "
                          "step of the same global batch on each (fake CPU devices on a CPU host), "
@@ -213,13 +215,14 @@ def main() -> None:
         return compare_device_counts(args)
 
     cfg, default_batch, default_size = CONFIGS[args.config]
-    cfg = dict(cfg, use_linear_attn=args.linear_attn)
+    cfg = dict(base_config().unet.to_dict(), **cfg, use_linear_attn=args.linear_attn)
     batch_size, size = args.batch or default_batch, args.size or default_size
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0]
     accelerator = device.platform != "cpu"
 
-    print(f"machine: platform={device.platform} device_kind={device.device_kind} devices={jax.device_count()} "
+    print(f"machine: platform={device.platform} device_kind={device.device_kind} "
+          f"devices={jax.device_count()} "
           f"cpu='{cpu_model()}' cores={os.cpu_count()} jax={jax.__version__} "
           f"XLA_FLAGS='{os.environ.get('XLA_FLAGS', '')}'")
 
@@ -261,8 +264,8 @@ def main() -> None:
 
     if not args.no_forward:
         forward = jax.jit(model.apply).lower(state[0], batch["x_t"], batch["t"], batch["context"]).compile()
-        fwd = time_calls(lambda: forward(state[0], batch["x_t"], batch["t"], batch["context"]).block_until_ready(),
-                         args.steps, args.warmup)
+        call = lambda: forward(state[0], batch["x_t"], batch["t"], batch["context"])
+        fwd = time_calls(lambda: call().block_until_ready(), args.steps, args.warmup)
         print(summary("forward", fwd, batch_size, flops_of(forward), peak, accelerator))
     def sample(params, x0, context):
         velocity = lambda t, x, args: model.apply(params, x, t, context)
@@ -276,7 +279,8 @@ def main() -> None:
     fwd_flops = None if args.no_forward else flops_of(forward)
     print(summary(f"sample ({args.sample_solver}, {nfe} NFE)", samp, batch_size,
                   fwd_flops and nfe * fwd_flops, peak, accelerator))
-    print(f"peak memory: {peak_memory_mb(device):.0f} MiB ({'max RSS' if not accelerator else 'peak_bytes_in_use'})")
+    kind = "max RSS" if not accelerator else "peak_bytes_in_use"
+    print(f"peak memory: {peak_memory_mb(device):.0f} MiB ({kind})")
 
     train_med = statistics.median(train)
     note = "" if (args.config, batch_size, size, args.dtype) == ("ref15m", 8, 32, "float32") else \
@@ -290,7 +294,8 @@ def main() -> None:
             print(summary("torch fwd", t_fwd, batch_size, None, None, False))
             print(ratio_text(train_med, statistics.median(t_train), "PyTorch in this run (train step)"))
             if not args.no_forward:
-                print(ratio_text(statistics.median(fwd), statistics.median(t_fwd), "PyTorch in this run (forward)"))
+                print(ratio_text(statistics.median(fwd), statistics.median(t_fwd),
+                                 "PyTorch in this run (forward)"))
 
 
 if __name__ == "__main__":

@@ -29,15 +29,16 @@ sys.path.insert(0, str(ROOT))
 
 def run_case(args: argparse.Namespace) -> dict:
     import jax
-    import jax.numpy as jnp
 
-    from fmboost_jax.first_stage import DTYPES, AutoencoderFirstStage
+    from fmboost_jax.config import DTYPES
+    from fmboost_jax.first_stage import AutoencoderFirstStage
+    from fmboost_jax.first_stage.tiling import TileOptions
     from fmboost_jax.models import autoencoder as ae
 
     cfg = ae.preset(args.preset)
     tile = args.tile if args.mode == "tiled" else 0
-    fs = AutoencoderFirstStage(cfg, checkpoint="random", dtype=DTYPES[args.dtype], tile_size=tile,
-                               tile_overlap=args.overlap, tile_shared_stats=bool(args.shared_stats))
+    tiles = TileOptions(tile, args.overlap, bool(args.shared_stats)) if tile else None
+    fs = AutoencoderFirstStage(cfg, checkpoint="random", dtype=DTYPES[args.dtype], tiling=tiles)
     params = fs.init_params(jax.random.PRNGKey(0))
     f = cfg.downsample_factor
     if args.op == "decode":
@@ -109,7 +110,7 @@ def main() -> None:
                 cmd = [sys.executable, __file__, *argv, f"--case={op}:{size}:{mode}"]
                 try:
                     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+                    line = [row for row in proc.stdout.splitlines() if row.startswith("RESULT ")]
                     if line:
                         r = json.loads(line[0][len("RESULT "):])
                     else:

@@ -43,8 +43,31 @@ def dtype(name: str) -> Any:
     return DTYPES[name]
 
 
+def _data() -> ml_collections.ConfigDict:
+    """`config.data`: LHQ as a prepared TFDS dataset, and how it is read."""
+    return ml_collections.ConfigDict(dict(
+        name="tfds",                   # tfds | folder | latents | skimage_photos
+        path="~/tensorflow_datasets",  # TFDS data_dir, image folder or latent records dir
+        tfds_name="lhq",               # TFDS dataset name ("lhq", "faceshq", ...)
+        train_split="train", eval_split="validation",   # TFDS splits
+        eval_path="",                  # folder of held-out images ("" : from the source)
+        flip=True,                     # random horizontal flips
+        crop="resize",                 # "resize": shorter side to high_res_size, random crop;
+                                       # "native": random crop at the file's resolution
+        min_size=-1,                   # skip images whose shorter side is below (-1: high-res size)
+        latent_sample="mode",          # latent records: posterior "mode" or a "sample"
+        worker_count=0,                # decoding processes (0: threads of this process)
+        read_threads=8, prefetch=64,   # grain read threads and prefetched examples
+        train_photos=(), eval_photos=(),   # skimage_photos: scikit-image photo names
+        num_eval_images=64,
+        eval_crop_size=0,              # 0 = high_res_size
+    ))
+
+
 def base_config() -> ml_collections.ConfigDict:
     """The paper's released setup, field by field (see the module docstring)."""
+    from fmboost_jax.cfm.noising import NUM_TIMESTEPS
+    from fmboost_jax.cfm.ode import SolverOptions
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.dtype = "auto"                   # UNet compute dtype: auto | float32 | bfloat16
@@ -71,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
         start_from_noise=False,
         noising_step=400,              # forward-diffusion step of the source; <= 0 disables
         concat_context=True,
-        num_timesteps=1000,
+        num_timesteps=NUM_TIMESTEPS,   # discrete steps of the noising schedule
     ))
     c.flow = ml_collections.ConfigDict(dict(schedule="linear", sigma_min=0.0))
 
@@ -92,29 +115,12 @@ def base_config() -> ml_collections.ConfigDict:
         before_update=True,            # average the params before each step's update (reference)
     ))
 
-    c.data = ml_collections.ConfigDict(dict(
-        name="tfds",                   # tfds | folder | latents | skimage_photos
-        path="~/tensorflow_datasets",  # TFDS data_dir, image folder or latent records dir
-        tfds_name="lhq",               # TFDS dataset name ("lhq", "faceshq", ...)
-        train_split="train", eval_split="validation",   # TFDS splits
-        eval_path="",                  # folder of held-out images ("" : from the source)
-        flip=True,                     # random horizontal flips
-        crop="resize",                 # "resize": shorter side to high_res_size, random crop;
-                                       # "native": random crop at the file's resolution
-        min_size=-1,                   # skip images whose shorter side is below (-1: high-res size)
-        latent_sample="mode",          # latent records: posterior "mode" or a "sample"
-        worker_count=0,                # decoding processes (0: threads of this process)
-        read_threads=8, prefetch=64,   # grain read threads and prefetched examples
-        train_photos=(), eval_photos=(),   # skimage_photos: scikit-image photo names
-        num_eval_images=64,
-        eval_crop_size=0,              # 0 = high_res_size
-    ))
+    c.data = _data()
     c.batch_size = 64                  # global, over all devices (not published by the authors)
     c.total_steps = 300_000
 
     # The sampler: its defaults are the one table `cfm.ode.SolverOptions` (torchdiffeq's rk4
     # over 40 time points, the reference's validation sampler; dopri5 tolerances).
-    from fmboost_jax.cfm.ode import SolverOptions
     c.sampling = ml_collections.ConfigDict(SolverOptions()._asdict())
 
     # Devices: the batch is split over all of them; arrays of at least `fsdp_min_size`

@@ -12,6 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fmboost_jax.config import ConfigError
+from fmboost_jax.data.precompute import CHUNK_BATCHES
 from fmboost_jax.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.", lock_config=True)
@@ -19,7 +20,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory for the latent
 _SPLIT = flags.DEFINE_enum("split", "train", ["train", "eval"], "Which part of the source.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Images per step over all devices "
                               "(default: config.batch_size).")
-_CHUNK = flags.DEFINE_integer("chunk_batches", 64, "Batches per output file.")
+_CHUNK = flags.DEFINE_integer("chunk_batches", CHUNK_BATCHES, "Batches per output file.")
 _STORE_IMAGES = flags.DEFINE_bool("store_images", False, "Also store the uint8 images.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
                                  "Join a multi-process run (see fmboost_jax.train).")
@@ -31,7 +32,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     distributed.initialize(_DISTRIBUTED.value)
-    from fmboost_jax.data.precompute import precompute
+    from fmboost_jax.data.precompute import precompute  # after the processes are connected
     try:
         precompute(_CONFIG.value, os.path.expanduser(_WORKDIR.value), _SPLIT.value,
                    _BATCH.value, _CHUNK.value, _STORE_IMAGES.value)

@@ -28,7 +28,7 @@ def make_photo_folder(root):
         Image.fromarray(img[..., :3]).save(root / ("a" if i % 2 else "a/b") / f"{name}{ext}")
     Image.fromarray(skimage.data.camera()).save(root / "gray.png")                 # grayscale
     Image.fromarray(skimage.data.coins()).convert("CMYK").save(root / "cmyk.jpg")   # CMYK
-    (root / "sixteen.png").write_bytes(_png((skimage.data.moon().astype(np.uint16) * 257)))
+    (root / "sixteen.png").write_bytes(_png(skimage.data.moon().astype(np.uint16) * 257))
     rgba = np.dstack([skimage.data.astronaut(), np.full((512, 512), 128, np.uint8)])
     Image.fromarray(rgba, "RGBA").save(root / "alpha.png")                          # alpha
     (root / "notes.txt").write_text("not an image, not listed")

@@ -12,16 +12,16 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
+import tiny_config
 
-import tiny_config  # noqa: E402
-from fmboost_jax.parallel import sharding  # noqa: E402
-from fmboost_jax.cfm.model import CFM  # noqa: E402
-from fmboost_jax.data import photos  # noqa: E402
-from fmboost_jax.cfm.sampling import make_sample_fn  # noqa: E402
-from fmboost_jax.train.state import create_train_state, make_optimizer  # noqa: E402
-from fmboost_jax.train.step import make_train_step  # noqa: E402
+from fmboost_jax.cfm.model import CFM
+from fmboost_jax.cfm.sampling import make_sample_fn
+from fmboost_jax.data import photos
+from fmboost_jax.parallel import sharding
+from fmboost_jax.train.state import create_train_state, make_optimizer
+from fmboost_jax.train.step import make_train_step
 
 STEPS = 2
 

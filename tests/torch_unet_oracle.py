@@ -10,7 +10,7 @@ Shapes: `x` (B, C_x, H, W), `t` (B,), `context` (B, C_c, H, W) -> (B, out_channe
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -31,7 +31,7 @@ class Coupling:
     num_timesteps: int
 
     @classmethod
-    def from_config(cls, coupling: Any) -> "Coupling":
+    def from_config(cls, coupling: Any) -> Coupling:
         fields = {f.name: coupling[f.name] for f in dataclasses.fields(cls)}
         fields["upsampling_mode_context"] = fields["upsampling_mode_context"] or \
             fields["upsampling_mode"]

@@ -9,7 +9,8 @@ is the reference's alternative. Arrays are (B, H, W, C); `t` is (B,).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

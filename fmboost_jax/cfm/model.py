@@ -16,7 +16,8 @@ holds no parameters: UNet params and first-stage params are explicit arguments.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +27,12 @@ from fmboost_jax.cfm import flow, upsampling
 from fmboost_jax.cfm.coupling import Coupling
 from fmboost_jax.cfm.upsampling import LowRes
 from fmboost_jax.config import ConfigError
-from fmboost_jax.first_stage import (FirstStage, downsample_factor, first_stage_from_config,
-                                     latent_channels)
+from fmboost_jax.first_stage import (
+    FirstStage,
+    downsample_factor,
+    first_stage_from_config,
+    latent_channels,
+)
 from fmboost_jax.models.unet import EfficientUNet
 
 Array = jax.Array
@@ -46,7 +51,7 @@ class CFM:
     lowres_antialias: bool
 
     @classmethod
-    def from_config(cls, config: Any) -> "CFM":
+    def from_config(cls, config: Any) -> CFM:
         unet = EfficientUNet.from_config(config.unet, config_lib.dtype(config.dtype))
         return cls(unet=unet, first_stage=first_stage_from_config(config),
                    coupling=Coupling.from_config(config.coupling),

@@ -21,7 +21,8 @@ and its own stats; `velocity_fn` still receives batched inputs, with batch size 
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, NamedTuple
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
 
 import diffrax
 import equinox as eqx

@@ -15,8 +15,13 @@ CLI (torch is only needed to read `.pt/.ckpt/.bin` files):
 (`fmboost_jax.models.autoencoder`), from the latent-diffusion or the diffusers key layout.
 """
 
-from fmboost_jax.convert.torch_io import (CheckpointMismatchError, load_torch_state_dict,
-                                          params_from_torch, save_params, select_network)
+from fmboost_jax.convert.torch_io import (
+                                          CheckpointMismatchError,
+                                          load_torch_state_dict,
+                                          params_from_torch,
+                                          save_params,
+                                          select_network,
+)
 from fmboost_jax.convert.unet import unet_layout, unet_param_shapes, unet_params_from_torch
 from fmboost_jax.convert.vae import diffusers_vae_keys, vae_params_from_torch
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from fmboost_jax import config as config_lib
 from fmboost_jax.convert import __doc__ as DOC

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from typing import Any, Callable, Literal, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 from flax import traverse_util

@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
 from fmboost_jax.convert.torch_io import Params, params_from_torch
 from fmboost_jax.models import autoencoder
 from fmboost_jax.models.autoencoder import AutoencoderKL
+
 
 def vae_torch_key(path: tuple[str, ...]) -> str:
     """Flax path -> diffusers key: `('encoder', 'down_blocks_0_resnets_1', 'conv1', 'kernel')`

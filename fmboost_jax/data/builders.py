@@ -3,8 +3,9 @@
 Each builder reads the image files a user downloaded by hand (`manual_dir`), checks that each
 decodes (in parallel threads), and stores the usable ones unchanged (the encoded bytes, no
 re-compression) with their relative path, in `train` and `validation` splits. Files that
-cannot be decoded, or whose shorter side is below `MIN_SIZE`, are left out and listed in the log. Reading goes through `tfds.data_source`
-(`fmboost_jax.data.sources.TfdsSource`), locally or from a bucket.
+cannot be decoded, or whose shorter side is below `MIN_SIZE`, are left out and listed in the log.
+Reading goes through `tfds.data_source` (`fmboost_jax.data.sources.TfdsSource`), locally or from a
+bucket.
 
 - `lhq`: LHQ (Landscapes HQ, 90,000 photos at 1024²; https://github.com/universome/alis),
   any folder layout under `manual_dir`; the last 1% of the sorted files (at most 1,000) are
@@ -22,7 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds

@@ -5,15 +5,15 @@ naming the file and the reason. Grayscale, palette, CMYK, 16-bit and alpha image
 converted (alpha composited on white, 16-bit scaled to 8); truncated, unreadable and non-image
 files are rejected. Crops: `random_crop` for training (shorter side resized to the target
 size with an anti-aliased filter, then a random square and an optional horizontal flip) and
-`center_crop` for evaluation; `random_crop(..., resize=False)` crops at the native resolution. Outputs are float32 in [-1, 1].
+`center_crop` for evaluation; `random_crop(..., resize=False)` crops at the native resolution.
+Outputs are float32 in [-1, 1].
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import io
 import warnings
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError

@@ -19,7 +19,7 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
           "grass", "gravel", "coins", "moon", "clock", "text", "page")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_photo(name: str) -> np.ndarray:
     """A scikit-image photo as float32 (H, W, 3) in [-1, 1]."""
     import skimage.data

@@ -34,7 +34,8 @@ import glob
 import json
 import os
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import grain
 import jax
@@ -229,8 +230,11 @@ def _write_chunk(path: str, shard: Shard, chunk: int, chunk_batches: int, encode
     return written, skipped
 
 
+CHUNK_BATCHES = 64     # batches per output file, the command's default
+
+
 def precompute(config, workdir: str, split: str = "train", batch_size: int = 0,
-               chunk_batches: int = 64, store_images: bool = False) -> dict:
+               chunk_batches: int = CHUNK_BATCHES, store_images: bool = False) -> dict:
     """Writes this process's latent records into `workdir`; returns counts and throughput."""
     mesh = sharding_lib.make_mesh(config.mesh)
     batch_size = batch_size or config.batch_size

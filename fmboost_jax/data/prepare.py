@@ -1,8 +1,11 @@
 """Prepare a TFDS dataset (array_record, no TensorFlow needed) from downloaded images.
 
-    python -m fmboost_jax.data.prepare --dataset=lhq --manual_dir=~/data/LHQ1024 --data_dir=~/tensorflow_datasets
-    python -m fmboost_jax.data.prepare --dataset=faceshq --manual_dir=~/data/faceshq --data_dir=gs://bucket/tfds
-    python -m fmboost_jax.data.prepare --dataset=image_folder --name=my_photos --manual_dir=~/photos --data_dir=...
+    python -m fmboost_jax.data.prepare --dataset=lhq --manual_dir=~/data/LHQ1024 \
+        --data_dir=~/tensorflow_datasets
+    python -m fmboost_jax.data.prepare --dataset=faceshq --manual_dir=~/data/faceshq \
+        --data_dir=gs://bucket/tfds
+    python -m fmboost_jax.data.prepare --dataset=image_folder --name=my_photos \
+        --manual_dir=~/photos --data_dir=...
 
 Then train with `--config.data.name=tfds --config.data.tfds_name=<dataset or --name>
 --config.data.path=<data_dir>` (configs/lhq.py and faceshq.py already point there).
@@ -16,8 +19,8 @@ import sys
 
 from absl import app, flags
 
-from fmboost_jax.data import builders
 from fmboost_jax import paths
+from fmboost_jax.data import builders
 
 _DATASET = flags.DEFINE_enum("dataset", None, sorted(builders.BUILDERS), "Which dataset to build.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder with the downloaded images.")

@@ -14,13 +14,14 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from flax import serialization
 
-from fmboost_jax.data.images import EXTENSIONS
 from fmboost_jax import paths
+from fmboost_jax.data.images import EXTENSIONS
 
 
 def list_images(folder: str, extensions: tuple[str, ...] = EXTENSIONS) -> list[str]:

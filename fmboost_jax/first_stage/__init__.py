@@ -17,8 +17,11 @@ import jax
 
 from fmboost_jax import config as config_lib
 from fmboost_jax.config import ConfigError
-from fmboost_jax.first_stage.vae import (RANDOM_WEIGHTS, AutoencoderFirstStage,
-                                         missing_checkpoint_message)
+from fmboost_jax.first_stage import tiling
+from fmboost_jax.first_stage.vae import (
+    AutoencoderFirstStage,
+    missing_checkpoint_message,
+)
 from fmboost_jax.models import autoencoder
 
 Array = jax.Array
@@ -87,10 +90,10 @@ def first_stage_from_config(config: Any) -> FirstStage:
     fs = config.first_stage
     if fs.name == "identity":
         return IdentityFirstStage()
+    tiles = (tiling.TileOptions(fs.tile_size, fs.tile_overlap, fs.tile_shared_stats)
+             if fs.tile_size > 0 else None)
     return AutoencoderFirstStage(autoencoder_config(config), checkpoint=fs.checkpoint,
-                                 dtype=config_lib.dtype(fs.dtype), tile_size=fs.tile_size,
-                                 tile_overlap=fs.tile_overlap,
-                                 tile_shared_stats=fs.tile_shared_stats)
+                                 dtype=config_lib.dtype(fs.dtype), tiling=tiles)
 
 
 def check_config(config: Any) -> None:

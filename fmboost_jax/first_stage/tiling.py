@@ -17,13 +17,23 @@ statistics over the same windows so that all windows can share them.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+
+
+class TileOptions(NamedTuple):
+    """Tiled coding of images larger than `size` pixels: tiles of `size` overlapping by `overlap`,
+    normalised with the image's estimated statistics when `shared_stats` (`config.first_stage`'s
+    `tile_size`, `tile_overlap`, `tile_shared_stats`)."""
+    size: int
+    overlap: int
+    shared_stats: bool
 
 
 def tile_starts(size: int, tile: int, overlap: int, align: int = 1) -> list[int]:

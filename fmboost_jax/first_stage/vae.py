@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from fmboost_jax import paths
-from fmboost_jax.first_stage import tiling
+from fmboost_jax.first_stage import tiling as tiling_lib
 from fmboost_jax.models import autoencoder
 
 Array = jax.Array
@@ -22,27 +22,25 @@ class AutoencoderFirstStage:
     Params come from an Orbax directory written by `python -m fmboost_jax.convert vae`, or are
     initialised at random when `checkpoint` is "random" (tests and smoke runs).
 
-    Inputs larger than `tile_size` pixels (0: never) are coded in overlapping, cross-faded tiles
+    With `tiling`, inputs larger than its `size` in pixels are coded in overlapping, cross-faded tiles
     (`tiling.py`), in three steps that keep memory at one tile's activations plus the whole
     image's features at the latent resolution (64x fewer positions than pixels):
     the network's levels above the latent resolution run tile by tile; the rest (the deepest
     level, the attention block, the output layers) runs on the whole latent, so attention stays
-    global as in whole-image coding; and with `tile_shared_stats` the tiles' GroupNorms share one
+    global as in whole-image coding; and with `shared_stats` the tiles' GroupNorms share one
     estimate of the whole image's statistics, the mean over the tiles of their own (one extra
     pass over the tiles), instead of each tile normalising with its own as most tiled VAEs do.
     """
 
     def __init__(self, config: autoencoder.AutoencoderConfig, checkpoint: str,
-                 dtype: Any = jnp.float32, tile_size: int = 0, tile_overlap: int = 64,
-                 tile_shared_stats: bool = True):
+                 dtype: Any = jnp.float32, tiling: tiling_lib.TileOptions | None = None):
         self.config = config
         self.model = autoencoder.AutoencoderKL(config, dtype)
         self.checkpoint = checkpoint
         self.scale_factor, self.shift_factor = config.scale_factor, config.shift_factor
         self.downsample_factor = config.downsample_factor
         self.latent_channels = config.z_channels
-        self.tile_size, self.tile_overlap = tile_size, tile_overlap
-        self.tile_shared_stats = tile_shared_stats
+        self.tiling = tiling
 
     def init_params(self, rng: jax.Array) -> PyTree:
         if self.checkpoint == RANDOM_WEIGHTS:
@@ -60,26 +58,26 @@ class AutoencoderFirstStage:
         """`method` (a pixel part) applied in tiles that share GroupNorm statistics."""
         align = max(1, round(1 / scale))
         stats = None
-        if self.tile_shared_stats:
+        if self.tiling.shared_stats:
             def measure(window):
                 _, out = self.model.apply({"params": params}, window,
                                           method=getattr(self.model, method),
                                           mutable=[autoencoder.MEASURED_NORM_STATS])
                 return out[autoencoder.MEASURED_NORM_STATS]
-            stats = tiling.tiled_mean(measure, x, tile, overlap, align)
-        return tiling.tiled_apply(lambda w: self._apply(params, w, method, stats), x, tile,
+            stats = tiling_lib.tiled_mean(measure, x, tile, overlap, align)
+        return tiling_lib.tiled_apply(lambda w: self._apply(params, w, method, stats), x, tile,
                                   overlap, scale, out_channels)
 
     def _tiles(self, x: Array, tile: int) -> bool:
-        return 0 < self.tile_size and (x.shape[1] > tile or x.shape[2] > tile)
+        return self.tiling is not None and (x.shape[1] > tile or x.shape[2] > tile)
 
     def moments(self, params: PyTree, images: Array) -> tuple[Array, Array]:
         """Images (B, H, W, 3) in [-1, 1] -> unscaled posterior (mean, logvar), (B, H/8, W/8, C)."""
-        if not self._tiles(images, self.tile_size):
+        if not self._tiles(images, self.tiling and self.tiling.size):
             return self._apply(params, images, "encode")
         cfg = self.config
-        h = self._tiled_pixel_part(params, images, "encode_pixel_part", self.tile_size,
-                                   self.tile_overlap, 1 / self.downsample_factor,
+        h = self._tiled_pixel_part(params, images, "encode_pixel_part", self.tiling.size,
+                                   self.tiling.overlap, 1 / self.downsample_factor,
                                    cfg.ch * cfg.ch_mult[-2])
         return self._apply(params, h, "encode_latent_part")
 
@@ -92,11 +90,11 @@ class AutoencoderFirstStage:
         """Scaled latents (B, h, w, C) -> images (B, 8h, 8w, 3) in about [-1, 1]."""
         z = latents / self.scale_factor + self.shift_factor
         f = self.downsample_factor
-        if not self._tiles(z, self.tile_size // f):
+        if not self._tiles(z, self.tiling and self.tiling.size // f):
             return self._apply(params, z, "decode")
         h = self._apply(params, z, "decode_latent_part")
-        return self._tiled_pixel_part(params, h, "decode_pixel_part", self.tile_size // f,
-                                      self.tile_overlap // f, f, self.config.out_channels)
+        return self._tiled_pixel_part(params, h, "decode_pixel_part", self.tiling.size // f,
+                                      self.tiling.overlap // f, f, self.config.out_channels)
 
 def missing_checkpoint_message(path: str) -> str:
     """Why the VAE checkpoint `path` cannot be used and how to make one (after the field name)."""

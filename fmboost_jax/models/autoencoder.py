@@ -19,7 +19,7 @@ statistics are always taken in float32.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -317,9 +317,3 @@ def param_shapes(model: AutoencoderKL) -> Any:
     size = model.config.downsample_factor
     x = jax.ShapeDtypeStruct((1, size, size, model.config.in_channels), jnp.float32)
     return jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-
-
-def count(shapes: Any, prefixes: Sequence[str] = ()) -> int:
-    """Number of parameters (in the subtrees named by `prefixes`, or all)."""
-    tree = {k: v for k, v in shapes.items() if not prefixes or k in prefixes}
-    return sum(int(x.size) for x in jax.tree.leaves(tree))

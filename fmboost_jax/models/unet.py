@@ -17,7 +17,8 @@ compute dtype (float32 or bfloat16).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -228,7 +229,7 @@ class EfficientUNet(nn.Module):
     dtype: Dtype = jnp.float32
 
     @classmethod
-    def from_config(cls, unet: Any, dtype: Dtype = jnp.float32) -> "EfficientUNet":
+    def from_config(cls, unet: Any, dtype: Dtype = jnp.float32) -> EfficientUNet:
         """The UNet of a `config.unet` block."""
         return cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
                       for k, v in unet.items()}, dtype=dtype)

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
+
 from fmboost_jax import paths
 
 PyTree = Any
@@ -41,12 +42,12 @@ class DataStateHandler(ocp.CheckpointHandler):
     def _file(directory: epath.Path) -> epath.Path:
         return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
-    def save(self, directory: epath.Path, args: "DataStateSave") -> None:
+    def save(self, directory: epath.Path, args: DataStateSave) -> None:
         state = args.iterator.get_state()
         text = state.decode() if isinstance(state, bytes) else json.dumps(state)
         self._file(directory).write_text(text)
 
-    def restore(self, directory: epath.Path, args: "DataStateRestore" = None) -> Any:
+    def restore(self, directory: epath.Path, args: DataStateRestore = None) -> Any:
         """The state saved by this process, or None when it was saved by another topology."""
         path = self._file(directory)
         if not path.exists():

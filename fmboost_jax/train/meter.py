@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-
 from typing import Any
 
 # Dense peak TFLOP/s per chip (bf16, fp32) by device_kind substring; fp32 is the non-tensor-core

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -41,10 +42,6 @@ class MetricWriter:
         """An (H, W, 3) uint8 image to TensorBoard."""
         if self.active:
             self._tb.add_image(name, image, global_step=int(step), dataformats="HWC")
-
-    def flush(self) -> None:
-        if self.active:
-            self._tb.flush()
 
     def close(self) -> None:
         if self.active:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fmboost_jax.cfm.model import CFM
-from fmboost_jax.cfm.upsampling import resize
 from fmboost_jax.cfm.sampling import make_sample_fn, sampling_params
+from fmboost_jax.cfm.upsampling import resize
 from fmboost_jax.train.state import TrainState
 
 

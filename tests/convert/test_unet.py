@@ -6,8 +6,9 @@ import argparse
 import contextlib
 import os
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -16,15 +17,14 @@ torch = pytest.importorskip("torch")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
-
 from flax import traverse_util  # noqa: E402
+from torch_unet_oracle import EfficientUNet as TorchUNet  # noqa: E402
 
 from fmboost_jax import convert  # noqa: E402
 from fmboost_jax.convert import __main__ as convert_cli  # noqa: E402
 from fmboost_jax.convert import unet as convert_unet  # noqa: E402
 from fmboost_jax.models.layers import count_params  # noqa: E402
 from fmboost_jax.models.unet import EfficientUNet  # noqa: E402
-from torch_unet_oracle import EfficientUNet as TorchUNet  # noqa: E402
 
 BASE = dict(in_channels=8, model_channels=32, out_channels=4, num_res_blocks=1,
             attention_resolutions=(2,), dropout=0.0, channel_mult=(1, 2, 2), conv_resample=True,
@@ -101,7 +101,7 @@ def test_converted_torch_weights_give_the_same_velocity(name: str) -> None:
     t = torch.rand(2, generator=gen)
     with torch.no_grad(), torch_single_threaded():
         expected = model(x, t, context).permute(0, 2, 3, 1).numpy()
-    nhwc = lambda a: a.permute(0, 2, 3, 1).numpy()  # noqa: E731
+    nhwc = lambda a: a.permute(0, 2, 3, 1).numpy()
     inputs = ({"params": params}, nhwc(x), t.numpy(), nhwc(context))
     got = compile_fast(unet.apply, *inputs)(*inputs)
 

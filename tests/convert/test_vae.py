@@ -22,14 +22,13 @@ from vae_oracle import (  # noqa: E402
     torch_vae,
 )
 
-from fmboost_jax import convert  # noqa: E402
-from fmboost_jax.convert import __main__ as convert_cli  # noqa: E402
 from fmboost_jax.convert import (  # noqa: E402
     CheckpointMismatchError,
     load_torch_state_dict,
     save_params,
     vae_params_from_torch,
 )
+from fmboost_jax.convert import __main__ as convert_cli  # noqa: E402
 from fmboost_jax.first_stage import AutoencoderFirstStage  # noqa: E402
 from fmboost_jax.models import autoencoder as ae  # noqa: E402
 

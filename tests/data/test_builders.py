@@ -18,7 +18,7 @@ def test_the_faceshq_builder_reads_celebahq_arrays_and_ffhq_images_losslessly(tm
     (manual / "celebahq").mkdir(parents=True)
     (manual / "ffhq").mkdir()
     photos = {n: getattr(skimage.data, n)()[..., :3] for n in ("astronaut", "coffee", "rocket")}
-    for i, (name, img) in enumerate(photos.items()):     # PGGAN's (1, 3, H, W) uint8 arrays
+    for i, img in enumerate(photos.values()):     # PGGAN's (1, 3, H, W) uint8 arrays
         np.save(manual / "celebahq" / f"imgHQ{i:05d}.npy", img.transpose(2, 0, 1)[None])
         Image.fromarray(img).save(manual / "ffhq" / f"{i:05d}.png")
     np.save(manual / "celebahq" / "imgHQ99999.npy", np.zeros((3, 8), np.float32))   # not an image

@@ -1,4 +1,5 @@
-"""Tests of fmboost_jax/data/pipeline.py: the grain pipeline on real photos mixed with corrupt\nones, determinism and resumption, per-process shards, workers, start-up checks."""
+"""Tests of fmboost_jax/data/pipeline.py: the grain pipeline on real photos mixed with corrupt
+ones, determinism and resumption, per-process shards, workers, start-up checks."""
 
 import json
 

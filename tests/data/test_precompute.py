@@ -1,4 +1,5 @@
-"""Tests of fmboost_jax/data/precompute.py: latents precomputed on two devices, resumed, and\nread by the trainer."""
+"""Tests of fmboost_jax/data/precompute.py: latents precomputed on two devices, resumed, and
+read by the trainer."""
 
 import json
 import os

@@ -58,9 +58,10 @@ def test_tiled_vae_coding_stays_close_to_whole_image_coding_without_seams():
     misplaced or unblended tiles (errors of order 1)."""
     cfg = ae.preset("sd", ch=32, num_res_blocks=1)
     whole = AutoencoderFirstStage(cfg, checkpoint="random")
-    tiled = AutoencoderFirstStage(cfg, checkpoint="random", tile_size=128, tile_overlap=32)
-    own_stats = AutoencoderFirstStage(cfg, checkpoint="random", tile_size=128, tile_overlap=32,
-                                      tile_shared_stats=False)
+    tiled = AutoencoderFirstStage(cfg, checkpoint="random",
+                                  tiling=tiling.TileOptions(128, 32, shared_stats=True))
+    own_stats = AutoencoderFirstStage(cfg, checkpoint="random",
+                                      tiling=tiling.TileOptions(128, 32, shared_stats=False))
     params = whole.init_params(jax.random.PRNGKey(0))
     rel = lambda a, b: float(jnp.abs(a - b).mean() / jnp.abs(b).mean())
     # Stationary inputs (noise), so that every tile's statistics estimate the whole image's.
@@ -76,5 +77,5 @@ def test_tiled_vae_coding_stays_close_to_whole_image_coding_without_seams():
     assert rel(xt, x) < 0.85 * rel(jax.jit(own_stats.decode)(params, noise), x)   # 0.10 vs 0.14
     # No seam: nowhere do neighbouring columns or rows differ much more than in the whole image.
     for axis in (1, 2):
-        jump = lambda img: jnp.abs(jnp.diff(img, axis=axis)).mean(axis=(0, 3 - axis, 3))
+        jump = lambda img, axis=axis: jnp.abs(jnp.diff(img, axis=axis)).mean(axis=(0, 3 - axis, 3))
         assert float((jump(xt) / jump(x)).max()) <= 1.25                # measured 1.08

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from vae_oracle import photo
+from vae_oracle import photo  # noqa: E402
 
 from fmboost_jax.first_stage import AutoencoderFirstStage  # noqa: E402
 from fmboost_jax.models import autoencoder as ae  # noqa: E402

@@ -43,7 +43,7 @@ def test_data_parallel_and_fsdp_steps_and_samples_match_the_single_device_ones()
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_step.py")],
                           capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    line = next(row for row in proc.stdout.splitlines() if row.startswith("RESULT "))
     report = json.loads(line[len("RESULT "):])
     assert report["fsdp"]["sharded_arrays"] > 50          # FSDP really shards the state
     assert report["data_parallel"]["sharded_arrays"] == 0

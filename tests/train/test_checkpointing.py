@@ -1,4 +1,5 @@
-"""Tests of fmboost_jax/train/checkpointing.py: runs killed at any moment resume bitwise\nequal, a run saved on 8 devices with FSDP resumes on 4, and the retention policy."""
+"""Tests of fmboost_jax/train/checkpointing.py: runs killed at any moment resume bitwise
+equal, a run saved on 8 devices with FSDP resumes on 4, and the retention policy."""
 
 import signal
 

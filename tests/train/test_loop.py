@@ -1,4 +1,5 @@
-"""Tests of fmboost_jax/train/loop.py: learning, resume, NaN handling, latent-space training, and\na training step that compiles once per run."""
+"""Tests of fmboost_jax/train/loop.py: learning, resume, NaN handling, latent-space training, and
+a training step that compiles once per run."""
 
 import json
 import os
@@ -61,8 +62,8 @@ def test_resumed_run_matches_an_uninterrupted_one(tiny_config, tmp_path):
     from fmboost_jax.train.loop import restore_params
     for x, y in zip(jax.tree.leaves(restore_params(part)), jax.tree.leaves(b["ema_params"])):
         np.testing.assert_array_equal(x, y)
-    lines = [json.loads(l) for l in open(os.path.join(part, "metrics.jsonl"))]
-    train_steps = [l["step"] for l in lines if "loss" in l]
+    lines = [json.loads(row) for row in open(os.path.join(part, "metrics.jsonl"))]
+    train_steps = [row["step"] for row in lines if "loss" in row]
     assert train_steps == [2, 3, 4, 6]      # the short run logs its last step; none twice
 
 
@@ -105,7 +106,7 @@ def test_the_lhq_config_trains_in_latent_space_and_samples(tmp_path):
     for key in ("cfm/psnr", "cfm/ssim", "bilinear/psnr", "bicubic/psnr"):
         assert np.isfinite(final[key]), key
     assert final["nfe"] == 2
-    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    rows = [json.loads(row) for row in open(tmp_path / "metrics.jsonl")]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert os.listdir(tmp_path / "samples")
@@ -133,5 +134,6 @@ def test_the_training_step_compiles_once_per_run_however_long_it_runs(tiny_confi
     for total in (2, 6):
         c = tiny_config.copy_and_resolve_references()
         c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = total, total, 2, 1
-        counts.append(_lowerings(lambda: train_and_evaluate(c, str(tmp_path / f"run{total}"))))
+        workdir = str(tmp_path / f"run{total}")
+        counts.append(_lowerings(lambda c=c, workdir=workdir: train_and_evaluate(c, workdir)))
     assert counts[0] == counts[1], counts

@@ -5,10 +5,10 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 
 import numpy as np
 import pytest
-import tomllib
 from support import ROOT
 
 
@@ -29,7 +29,7 @@ def test_the_demo_config_runs_end_to_end_from_the_command_line(tmp_path):
     assert result["step"] == 4
     grids = os.listdir(workdir / "samples")
     assert grids and all(g.endswith(".png") for g in grids)
-    rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+    rows = [json.loads(row) for row in open(workdir / "metrics.jsonl")]
     for key in ("step", "loss", "lr", "grad_norm", "steps_per_sec"):
         assert key in rows[0]
     assert any(f.startswith("events") for f in os.listdir(workdir / "tensorboard"))

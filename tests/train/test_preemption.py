@@ -1,4 +1,5 @@
-"""Tests of fmboost_jax/train/preemption.py: SIGTERM saves and exits 0; two processes joined by\n`jax.distributed` on localhost stop at the same step and resume."""
+"""Tests of fmboost_jax/train/preemption.py: SIGTERM saves and exits 0; two processes joined by
+`jax.distributed` on localhost stop at the same step and resume."""
 
 import os
 import re
@@ -42,13 +43,13 @@ def test_two_processes_train_agree_on_a_preemption_step_and_resume(reference, tm
     """2 processes x 4 fake devices joined by jax.distributed on localhost; SIGTERM to one."""
     workdir = tmp_path / "multihost"
 
-    def start(total: int) -> list[subprocess.Popen]:
+    def start_both(total: int) -> list[subprocess.Popen]:
         port = free_port()
         return [start(workdir, f"--config.total_steps={total}",
                        f"--coordinator_address=localhost:{port}", "--num_processes=2",
                        f"--process_id={i}", devices=4) for i in range(2)]
 
-    procs = start(10 * TOTAL)
+    procs = start_both(10 * TOTAL)
     wait_for_checkpoint(procs[0], workdir, 2)
     procs[1].send_signal(signal.SIGTERM)              # the notice reaches one host only
     outs = [finish(p) for p in procs]
@@ -63,7 +64,7 @@ def test_two_processes_train_agree_on_a_preemption_step_and_resume(reference, tm
     assert [f for f in data_files if f.endswith(".json")] == ["process_0-of-2.json",
                                                               "process_1-of-2.json"]
 
-    outs = [finish(p) for p in start(TOTAL)]
+    outs = [finish(p) for p in start_both(TOTAL)]
     assert all(f"Restoring checkpoint of step {stopped_at}" in o for o in outs), outs[0][-3000:]
     assert steps(workdir)[-1] == TOTAL
     params = reference[0]
