@@ -15,9 +15,12 @@ relations without touching files or devices; each component owns its rules
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -34,6 +37,17 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"config.{field}: {message}")
         self.field = field
+
+
+@contextlib.contextmanager
+def user_errors_in_one_line() -> Iterator[None]:
+    """For command lines: a ConfigError or a missing file (the user's input, not a bug) ends the
+    command with one line on stderr and status 2 instead of a traceback."""
+    try:
+        yield
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def dtype(name: str) -> Any:

@@ -6,12 +6,11 @@ See `fmboost_jax/data/precompute.py` for what is written and how a run resumes.
 """
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fmboost_jax.config import ConfigError
+from fmboost_jax.config import user_errors_in_one_line
 from fmboost_jax.data.precompute import CHUNK_BATCHES
 from fmboost_jax.parallel import distributed
 
@@ -33,12 +32,9 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     distributed.initialize(_DISTRIBUTED.value)
     from fmboost_jax.data.precompute import precompute  # after the processes are connected
-    try:
+    with user_errors_in_one_line():
         precompute(_CONFIG.value, os.path.expanduser(_WORKDIR.value), _SPLIT.value,
                    _BATCH.value, _CHUNK.value, _STORE_IMAGES.value)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 def run() -> None:

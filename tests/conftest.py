@@ -23,3 +23,17 @@ import support  # noqa: E402
 @pytest.fixture
 def tiny_config():
     return support.tiny_pixel_config()
+
+
+@pytest.fixture(scope="session")
+def sd():
+    """The SD-config PyTorch VAE (random weights), its outputs on a photo, and the converted
+    params (the VAE's oracle; torch and diffusers are imported only by the tests that ask)."""
+    from vae_oracle import photo, torch_outputs, torch_vae
+
+    from fmboost_jax.convert import vae_params_from_torch
+    from fmboost_jax.models import autoencoder as ae
+    model = torch_vae()
+    x = photo()
+    params = vae_params_from_torch(model.state_dict(), ae.AutoencoderKL(ae.preset("sd")))
+    return model, x, torch_outputs(model, x), params

@@ -7,12 +7,11 @@ a checkpoint at the next step and exits with status 0.
 """
 
 import logging as pylogging
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fmboost_jax.config import ConfigError
+from fmboost_jax.config import user_errors_in_one_line
 from fmboost_jax.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.", lock_config=True)
@@ -45,11 +44,8 @@ def main(argv):
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                            _PROCESS_ID.value)
     from fmboost_jax.train.loop import train_and_evaluate  # after the processes are connected
-    try:
+    with user_errors_in_one_line():
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, FileNotFoundError) as err:   # the user's config or data: one line
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 def run() -> None:

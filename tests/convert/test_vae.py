@@ -33,15 +33,6 @@ from fmboost_jax.first_stage import AutoencoderFirstStage  # noqa: E402
 from fmboost_jax.models import autoencoder as ae  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def sd():
-    """The SD-config PyTorch VAE (random weights), its outputs on a photo, and the converted params."""
-    model = torch_vae()
-    x = photo()
-    return model, x, torch_outputs(model, x), vae_params_from_torch(model.state_dict(),
-                                                                    ae.AutoencoderKL(ae.preset("sd")))
-
-
 @pytest.mark.slow
 def test_latent_diffusion_ckpt_with_prefix_and_loss_keys_gives_the_same_model(sd, tmp_path):
     model, x, theirs, params = sd

@@ -10,21 +10,11 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from vae_oracle import assert_parity, flax_outputs, photo, torch_outputs, torch_vae  # noqa: E402
+from vae_oracle import assert_parity, flax_outputs, photo  # noqa: E402
 
-from fmboost_jax.convert import vae_params_from_torch  # noqa: E402
 from fmboost_jax.first_stage import AutoencoderFirstStage  # noqa: E402
 from fmboost_jax.models import autoencoder as ae  # noqa: E402
 from fmboost_jax.models.layers import count_params  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def sd():
-    """The SD-config PyTorch VAE (random weights), its outputs on a photo, and the converted params."""
-    model = torch_vae()
-    x = photo()
-    return model, x, torch_outputs(model, x), vae_params_from_torch(model.state_dict(),
-                                                                    ae.AutoencoderKL(ae.preset("sd")))
 
 
 def test_sd_vae_has_the_sd_parameter_counts():

@@ -6,7 +6,7 @@ from training_runs import TOTAL, finish, start, steps
 from fmboost_jax.train.checkpointing import restore_params
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     """Final params and EMA params of an uninterrupted single-device run."""
     workdir = tmp_path_factory.mktemp("reference")
