@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -204,3 +206,44 @@ class EfficientUNet(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb)
         return self.un_pool(self.out(h))
+
+
+# A small UNet of the reference's layout, and random weights for it (the tests' oracle).
+SMALL = dict(in_channels=8, model_channels=32, out_channels=4, num_res_blocks=1,
+            attention_resolutions=(2,), dropout=0.0, channel_mult=(1, 2, 2), conv_resample=True,
+            dim_head=16, num_heads=2, use_linear_attn=False, use_scale_shift_norm=True,
+            pool_factor=-1)
+
+
+def randomized_torch_unet(config: dict[str, Any], seed: int = 0) -> EfficientUNet:
+    """The oracle with every parameter random (the zero-initialised convs included)."""
+    torch.manual_seed(seed)
+    model = EfficientUNet(**config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                is_norm_scale = name.endswith("weight")
+                p.copy_((1.0 if is_norm_scale else 0.0) + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, p[0].numel() ** -0.5)
+    return model
+
+
+def numpy_state_dict(model: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.numpy().copy() for k, v in model.state_dict().items()}
+
+
+def training_checkpoint(online: dict[str, np.ndarray], ema: dict[str, np.ndarray]) -> dict:
+    """A Lightning checkpoint of the reference trainer: online net, EMA copy, EMA buffers, AE."""
+    state = {f"model.net.{k}": v for k, v in online.items()}
+    state |= {f"ema_model.ema_model.net.{k}": v for k, v in ema.items()}
+    state |= {"ema_model.initted": np.array(True), "ema_model.step": np.array(7),
+              "first_stage.encoder.conv_in.weight": np.zeros((128, 3, 3, 3), np.float32)}
+    return {"state_dict": state, "global_step": 7}
+
+
+def leaf(params: Any, *path: str) -> np.ndarray:
+    """The param at `path` of a params tree, as numpy."""
+    for key in path:
+        params = params[key]
+    return np.asarray(params)

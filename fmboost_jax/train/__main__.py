@@ -2,7 +2,7 @@
 
 Fields of the config can be overridden with `--config.a.b=value`; rerunning with the
 same workdir resumes from its latest checkpoint. A multi-process run starts this command
-once per process (see `fmboost_jax/distributed.py` and `launch/`). On SIGTERM the run saves
+once per process (see `fmboost_jax/parallel/distributed.py` and `launch/`). On SIGTERM the run saves
 a checkpoint at the next step and exits with status 0.
 """
 
