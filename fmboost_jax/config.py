@@ -40,12 +40,12 @@ class ConfigError(ValueError):
 
 
 @contextlib.contextmanager
-def user_errors_in_one_line() -> Iterator[None]:
-    """For command lines: a ConfigError or a missing file (the user's input, not a bug) ends the
-    command with one line on stderr and status 2 instead of a traceback."""
+def user_errors_in_one_line(*more: type[Exception]) -> Iterator[None]:
+    """For command lines: a ConfigError, a missing file or one of `more` (the user's input, not
+    a bug) ends the command with one line on stderr and status 2 instead of a traceback."""
     try:
         yield
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, *more) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

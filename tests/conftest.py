@@ -37,3 +37,16 @@ def sd():
     x = photo()
     params = vae_params_from_torch(model.state_dict(), ae.AutoencoderKL(ae.preset("sd")))
     return model, x, torch_outputs(model, x), params
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory):
+    """A finished 2-step run of the tiny pixel config (4x; the zero-initialised output conv keeps
+    the briefly trained model close to its bilinear source)."""
+    from fmboost_jax.train.loop import train_and_evaluate
+    c = support.tiny_pixel_config()
+    c.unet.update(channel_mult=(1,), attention_resolutions=())
+    c.total_steps, c.eval_every, c.checkpoint_every = 2, 2, 2
+    path = tmp_path_factory.mktemp("tiny_run")
+    train_and_evaluate(c, str(path))
+    return str(path)

@@ -1,0 +1,1 @@
+"""Boosting images with a trained upsampler: `Upsampler`, `load_upsampler`."""

@@ -1,0 +1,98 @@
+"""Tests of `python -m fmboost_jax.upsample` (fmboost_jax/upsample.py): a file with its
+comparison, a folder with a corrupt file, resuming, and one-line errors."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+from support import ROOT
+
+from fmboost_jax import upsample
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Small crops of real photos (one nested, one grayscale), a corrupt file and a text file."""
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "sub").mkdir()
+    Image.fromarray(skimage.data.astronaut()[100:116, 180:196]).save(root / "astronaut.png")
+    Image.fromarray(skimage.data.coffee()[50:58, 60:72]).save(root / "sub" / "coffee.jpg")
+    Image.fromarray(skimage.data.camera()[:16, :16]).save(root / "camera.png")
+    (root / "broken.png").write_bytes(b"not a png")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_a_file_is_boosted_4x_with_a_labelled_comparison(tiny_workdir, inputs, tmp_path, capsys):
+    out = tmp_path / "astronaut_4x.png"
+    assert upsample.main(["--model", tiny_workdir, "--input", str(inputs / "astronaut.png"),
+                          "--output", str(out), "--compare", "--num_steps", "2"]) == 0
+    assert Image.open(out).size == (64, 64)
+    compare = np.asarray(Image.open(tmp_path / "astronaut_4x_compare.png"))
+    assert compare.shape == (64, 128, 3)
+    assert "1 written, 0 already there, 0 skipped" in capsys.readouterr().out
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+def test_a_folder_skips_the_corrupt_file_counts_it_and_a_rerun_resumes(tiny_workdir, inputs,
+                                                                         tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--model", tiny_workdir, "--input", str(inputs), "--output", str(out),
+            "--num_steps", "1", "--batch_size", "2"]
+    assert upsample.main(args) == 0
+    printed = capsys.readouterr()
+    assert "3 written, 0 already there, 1 skipped" in printed.out
+    assert "broken.png" in printed.err
+    assert Image.open(out / "sub" / "coffee.png").size == (48, 32)      # 12x8 -> 48x32
+    assert Image.open(out / "camera.png").mode == "RGB"
+    os.remove(out / "camera.png")
+    assert upsample.main(args) == 0
+    assert "1 written, 2 already there, 1 skipped" in capsys.readouterr().out
+
+
+def test_bad_arguments_end_in_one_line_with_status_2(tiny_workdir, inputs, tmp_path):
+    cases = [
+        (["--model", str(tmp_path / "none"), "--input", str(inputs / "camera.png")],
+         "does not exist"),
+        (["--model", tiny_workdir, "--input", str(tmp_path / "missing.png")],
+         "--input '.*missing.png' does not exist"),
+    ]
+    for args, message in cases:
+        proc = subprocess.run([sys.executable, "-m", "fmboost_jax.upsample", *args,
+                               "--output", str(tmp_path / "x.png")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1, proc.stderr
+        import re
+        assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_converted_params_with_a_config_boost_and_unsuitable_sizes_are_named(inputs, tmp_path,
+                                                                            capsys):
+    import jax
+    import orbax.checkpoint as ocp
+
+    from fmboost_jax.cfm.model import CFM
+    from fmboost_jax.config import load_config
+    cfm = CFM.from_config(load_config("lhq:smoke"))      # a tiny random VAE; sizes: 16-px multiples
+    params_dir = str(tmp_path / "params")
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(params_dir, cfm.init_params(jax.random.PRNGKey(0)))
+    ckpt.wait_until_finished()
+    args = ["--model", params_dir, "--config", "lhq:smoke", "--num_steps", "1"]
+    assert upsample.main([*args, "--input", str(inputs / "astronaut.png"),   # 16 -> 32 px
+                          "--output", str(tmp_path / "a.png")]) == 0
+    assert Image.open(tmp_path / "a.png").size == (32, 32)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:                              # 12x8 -> 24x16
+        upsample.main([*args, "--input", str(inputs / "sub" / "coffee.jpg"),
+                       "--output", str(tmp_path / "c.png")])
+    assert exit_info.value.code == 2
+    assert "output size 16x24 px is not a multiple of 16" in capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists()
