@@ -8,6 +8,7 @@ from typing import Any
 
 _EXPORTS = {"load_upsampler": "fmboost_jax.inference.upsampler",
             "Upsampler": "fmboost_jax.inference.upsampler",
+            "Cascade": "fmboost_jax.inference.upsampler",
             "load_config": "fmboost_jax.config"}
 __all__ = list(_EXPORTS)
 

@@ -50,3 +50,19 @@ def tiny_workdir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_run")
     train_and_evaluate(c, str(path))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def smoke_params(tmp_path_factory):
+    """Random UNet params of configs/lhq.py:smoke (2x, a tiny random-weight VAE), saved as
+    converted params are: the model of `load_upsampler(smoke_params, config="lhq:smoke")`."""
+    import orbax.checkpoint as ocp
+
+    from fmboost_jax.cfm.model import CFM
+    from fmboost_jax.config import load_config
+    cfm = CFM.from_config(load_config("lhq:smoke"))
+    path = str(tmp_path_factory.mktemp("smoke") / "params")
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(path, cfm.init_params(jax.random.PRNGKey(0)))
+    ckpt.wait_until_finished()
+    return path

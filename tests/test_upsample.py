@@ -73,19 +73,10 @@ def test_bad_arguments_end_in_one_line_with_status_2(tiny_workdir, inputs, tmp_p
     assert not (tmp_path / "x.png").exists()
 
 
-def test_converted_params_with_a_config_boost_and_unsuitable_sizes_are_named(inputs, tmp_path,
-                                                                            capsys):
-    import jax
-    import orbax.checkpoint as ocp
-
-    from fmboost_jax.cfm.model import CFM
-    from fmboost_jax.config import load_config
-    cfm = CFM.from_config(load_config("lhq:smoke"))      # a tiny random VAE; sizes: 16-px multiples
-    params_dir = str(tmp_path / "params")
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(params_dir, cfm.init_params(jax.random.PRNGKey(0)))
-    ckpt.wait_until_finished()
-    args = ["--model", params_dir, "--config", "lhq:smoke", "--num_steps", "1"]
+def test_converted_params_with_a_config_boost_and_unsuitable_sizes_are_named(
+        smoke_params, inputs, tmp_path, capsys):
+    # a tiny random VAE, 2x, output sizes in multiples of 16 px
+    args = ["--model", smoke_params, "--config", "lhq:smoke", "--num_steps", "1"]
     assert upsample.main([*args, "--input", str(inputs / "astronaut.png"),   # 16 -> 32 px
                           "--output", str(tmp_path / "a.png")]) == 0
     assert Image.open(tmp_path / "a.png").size == (32, 32)

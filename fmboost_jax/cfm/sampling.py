@@ -26,7 +26,7 @@ PyTree = Any
 
 
 class SampleOutput(NamedTuple):
-    """images (B, H, W, 3) in [-1, 1]; latents (B, h, w, C); stats of the solver
+    """images (B, H, W, 3) in [-1, 1] (None when not decoded); latents (B, h, w, C); stats of the solver
     (`nfe`, `num_steps`, `num_accepted_steps`, `num_rejected_steps`, `success`); intermediates:
     (K + 1, B, h, w, C) latents along the path when `save_intermediates=K > 0`, else None."""
     images: Array
@@ -42,14 +42,38 @@ def sampling_params(state: Any, use_ema: bool = True) -> PyTree:
 
 
 def sample(cfm: CFM, params: PyTree, fs_params: PyTree, lowres_images: Array, rng: jax.Array,
-           *, save_intermediates: int = 0, per_sample: bool = False, throw: bool = True,
-           **options: Any) -> SampleOutput:
+           **kwargs: Any) -> SampleOutput:
     """Up-samples low-res images (B, h, w, 3) in [-1, 1] to (B, h * upscale, w * upscale, 3).
 
-    `options` are `ode.SolverOptions` fields (unset: the table's defaults)."""
+    `kwargs`: `ode.SolverOptions` fields (unset: the table's defaults), `save_intermediates`,
+    `per_sample`, `throw`."""
     _, h, w, _ = lowres_images.shape
     size = cfm.latent_size((h * cfm.upscale, w * cfm.upscale))
-    x0, context = cfm.couple(fs_params, LowRes(images=lowres_images), size, rng)
+    return integrate(cfm, params, fs_params, LowRes(images=lowres_images), size, rng, **kwargs)
+
+
+def sample_latents(cfm: CFM, params: PyTree, fs_params: PyTree, lowres_latents: Array,
+                   rng: jax.Array, *, decode: bool = True, **kwargs: Any) -> SampleOutput:
+    """Up-samples low-res latents (B, h, w, C), scaled as the first stage's `encode` returns them
+    (as a diffusion model emits them), to latents (B, h * upscale, w * upscale, C) and, with
+    `decode`, images (B, f h upscale, f w upscale, 3); `images` is None otherwise. PSU decodes
+    the latents, up-samples the images in pixel space and encodes them, as at training time."""
+    _, h, w, c = lowres_latents.shape
+    if c != cfm.first_stage.latent_channels:
+        raise ValueError(f"latents have {c} channels, but the model's first stage has "
+                         f"{cfm.first_stage.latent_channels} (shape {lowres_latents.shape})")
+    f = cfm.first_stage.downsample_factor
+    size = cfm.latent_size((h * f * cfm.upscale, w * f * cfm.upscale))
+    return integrate(cfm, params, fs_params, LowRes(latent=lowres_latents), size, rng,
+                     decode=decode, **kwargs)
+
+
+def integrate(cfm: CFM, params: PyTree, fs_params: PyTree, lowres: LowRes,
+              size: tuple[int, int], rng: jax.Array, *, decode: bool = True,
+              save_intermediates: int = 0, per_sample: bool = False, throw: bool = True,
+              **options: Any) -> SampleOutput:
+    """The flow from the coupled source of `lowres` to latents of `size`, decoded if asked."""
+    x0, context = cfm.couple(fs_params, lowres, size, rng)
 
     def velocity(t: Array, x: Array, args: tuple[PyTree, Array | None]) -> Array:
         p, ctx = args
@@ -58,17 +82,19 @@ def sample(cfm: CFM, params: PyTree, fs_params: PyTree, lowres_images: Array, rn
     res = ode.integrate(velocity, x0, save_intermediates=save_intermediates,
                         per_sample=per_sample, throw=throw, args=(params, context),
                         args_axes=(None, 0), **options)
-    images = cfm.first_stage.decode(fs_params, res.x1)
+    images = cfm.first_stage.decode(fs_params, res.x1) if decode else None
     return SampleOutput(images, res.x1, res.stats, res.intermediates)
 
 
-def make_sample_fn(cfm: CFM, **sample_options: Any):
-    """A jitted `sample(params, fs_params, lowres_images, rng) -> SampleOutput`.
+def make_sample_fn(cfm: CFM, *, latents: bool = False, **sample_options: Any):
+    """A jitted `sample(params, fs_params, lowres_images, rng) -> SampleOutput`, or with
+    `latents` of `sample_latents(params, fs_params, lowres_latents, rng)`.
 
-    `sample_options` (the `ode.SolverOptions` fields, save_intermediates, per_sample, throw) are
-    fixed at construction; a new option set compiles a new function, a new input shape retraces.
+    `sample_options` (the `ode.SolverOptions` fields, save_intermediates, per_sample, throw and,
+    for latents, decode) are fixed at construction; a new option set compiles a new function, a
+    new input shape retraces.
     """
-    return jax.jit(functools.partial(sample, cfm, **sample_options))
+    return jax.jit(functools.partial(sample_latents if latents else sample, cfm, **sample_options))
 
 
 def solver_options(sampling: Any) -> dict[str, Any]:

@@ -50,11 +50,16 @@ class Upsampler:
         options.update({k: v for k, v in overrides.items() if v is not None})
         return options
 
-    def _sample_fn(self, options: dict[str, Any]):
-        key = tuple(sorted(options.items()))
+    def _run(self, x: jax.Array, rng: jax.Array | None, latents: bool,
+             options: dict[str, Any]) -> sampling.SampleOutput:
+        """The jitted sampler of (`latents`, `options`) on `x`, split over the local devices."""
+        key = (latents, *sorted(options.items()))
         if key not in self._compiled:
-            self._compiled[key] = sampling.make_sample_fn(self.cfm, **options)
-        return self._compiled[key]
+            self._compiled[key] = sampling.make_sample_fn(self.cfm, latents=latents, **options)
+        rng = jax.random.PRNGKey(0) if rng is None else rng
+        n, x = x.shape[0], _split_over_local_devices(x)
+        out = self._compiled[key](self.params, self.fs_params, x, rng)
+        return jax.tree.map(lambda a: a[:n] if _batched(a, x.shape[0]) else a, out)
 
     def __call__(self, lowres_images: Any, rng: jax.Array | None = None, *,
                  solver: str | None = None, num_steps: int | None = None,
@@ -65,12 +70,75 @@ class Upsampler:
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"low-res images must be (B, h, w, 3), got shape {x.shape}")
         self.cfm.latent_size((x.shape[1] * self.upscale, x.shape[2] * self.upscale))  # names a bad size
+        return self._run(x, rng, False, self.options(solver=solver, num_steps=num_steps, **options))
+
+    def from_latents(self, lowres_latents: Any, rng: jax.Array | None = None, *,
+                     decode: bool = True, solver: str | None = None, num_steps: int | None = None,
+                     **options: Any) -> sampling.SampleOutput:
+        """A diffusion model's low-res latents (B, h, w, C), scaled as it emits them (SD:
+        `vae.config.scaling_factor` applied) -> latents (B, h * upscale, w * upscale, C) and, with
+        `decode`, the images; PSU decodes, up-samples in pixel space and re-encodes."""
+        z = jnp.asarray(lowres_latents, jnp.float32)
+        c = self.cfm.first_stage.latent_channels
+        if z.ndim != 4 or z.shape[-1] != c:
+            raise ValueError(f"latents must be (B, h, w, {c}) for this model's first stage, got "
+                             f"shape {z.shape}")
+        f = self.cfm.first_stage.downsample_factor
+        self.cfm.latent_size((z.shape[1] * f * self.upscale, z.shape[2] * f * self.upscale))
         opts = self.options(solver=solver, num_steps=num_steps, **options)
+        return self._run(z, rng, True, {**opts, "decode": decode})
+
+
+@dataclasses.dataclass
+class Cascade:
+    """Upsamplers run back to back in latent space (e.g. 128² px -> 512² -> 2048²): each stage
+    takes the latents of the one before; every stage's output is returned."""
+    stages: list[Upsampler]
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ValueError("a cascade needs at least one stage")
+        spaces = [_latent_space(s) for s in self.stages]
+        for i in range(1, len(spaces)):
+            if spaces[i] != spaces[0]:
+                raise ValueError(f"cascade stage {i} works in another latent space than stage 0 "
+                                 f"({spaces[i]} vs {spaces[0]}): the stages must share the VAE")
+
+    @property
+    def upscale(self) -> int:
+        return int(np.prod([s.upscale for s in self.stages]))
+
+    def __call__(self, lowres_images: Any, rng: jax.Array | None = None, *,
+                 decode_all: bool = True, **options: Any) -> list[sampling.SampleOutput]:
+        """Low-res images -> one `SampleOutput` per stage (images of each, when `decode_all`;
+        the last stage's always)."""
         rng = jax.random.PRNGKey(0) if rng is None else rng
-        n = x.shape[0]
-        x = _split_over_local_devices(x)
-        out = self._sample_fn(opts)(self.params, self.fs_params, x, rng)
-        return jax.tree.map(lambda a: a[:n] if _batched(a, x.shape[0]) else a, out)
+        first = self.stages[0](lowres_images, jax.random.fold_in(rng, 0), **options)
+        return [first, *self._rest(first.latents, rng, decode_all, options)]
+
+    def from_latents(self, lowres_latents: Any, rng: jax.Array | None = None, *,
+                     decode_all: bool = True, **options: Any) -> list[sampling.SampleOutput]:
+        """A diffusion model's low-res latents -> one `SampleOutput` per stage."""
+        rng = jax.random.PRNGKey(0) if rng is None else rng
+        first = self.stages[0].from_latents(lowres_latents, jax.random.fold_in(rng, 0),
+                                            decode=decode_all or len(self.stages) == 1, **options)
+        return [first, *self._rest(first.latents, rng, decode_all, options)]
+
+    def _rest(self, latents: jax.Array, rng: jax.Array, decode_all: bool,
+              options: dict[str, Any]) -> list[sampling.SampleOutput]:
+        outs = []
+        for i, stage in enumerate(self.stages[1:], start=1):
+            last = i == len(self.stages) - 1
+            outs.append(stage.from_latents(latents, jax.random.fold_in(rng, i),
+                                           decode=decode_all or last, **options))
+            latents = outs[-1].latents
+        return outs
+
+
+def _latent_space(up: Upsampler) -> Any:
+    """What a stage's latents mean: the first stage's kind and its autoencoder config."""
+    fs = up.cfm.first_stage
+    return (type(fs).__name__, getattr(fs, "config", None))
 
 
 def _batched(a: Any, batch: int) -> bool:
