@@ -2,9 +2,14 @@
 
     python -m fmboost_jax.upsample --model runs/demo --input photo.png --output photo_4x.png --compare
     python -m fmboost_jax.upsample --model runs/lhq --input ~/generated --output ~/generated_2x
+    python -m fmboost_jax.upsample --model runs/lhq --input sd_latents.npy --output ~/boosted
+    python -m fmboost_jax.upsample --model runs/a --model runs/b --input small.png --output big.png
 
-`--model` is a training workdir (or converted params with `--config`). `--input` is an image file
-or a folder (searched recursively; each output keeps the input's relative path, as PNG).
+`--model` is a training workdir (or converted params with `--config`); several `--model`s are a
+cascade, run back to back in their shared latent space. `--input` is an image file, a folder
+(searched recursively; each output keeps the input's relative path, as PNG), or a diffusion
+model's low-res latents in a `.npy` or `.safetensors` file ((B, h, w, C) or (B, C, h, w), scaled
+as the diffusion model emits them; the images go to `--output` as `NAME_0000.png`, ...).
 Unreadable or odd files, and images whose size the model cannot take, are skipped with their path
 and counted. Outputs are written under a temporary name and renamed when complete, and a rerun
 skips outputs that exist, so an interrupted folder job resumes. `--compare` also writes
@@ -31,8 +36,10 @@ from fmboost_jax.data.sources import list_images
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fmboost_jax.upsample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="training workdir, or converted params (+ --config)")
-    p.add_argument("--config", default=None, help="config of converted params (file.py[:arg] or name)")
+    p.add_argument("--model", required=True, action="append",
+                   help="training workdir, or converted params (+ --config); repeat for a cascade")
+    p.add_argument("--config", default=None, action="append",
+                   help="config of converted params (file.py[:arg] or name), one per --model")
     p.add_argument("--vae", default=None, help="converted VAE directory (default: the config's)")
     p.add_argument("--input", required=True, help="an image file or a folder of images")
     p.add_argument("--output", required=True, help="output file (for a file input) or folder")
@@ -94,6 +101,35 @@ def _batches(files: Sequence[str], batch_size: int, skipped: list[str]
         yield names, np.stack(images)
 
 
+LATENT_SUFFIXES = (".npy", ".safetensors")
+
+
+def read_latents(path: str, channels: int) -> np.ndarray:
+    """Latents (B, h, w, C) float32 from a `.npy` file or the first (or `latents`) tensor of a
+    `.safetensors` file; (B, C, h, w) arrays, as PyTorch pipelines give them, are transposed."""
+    if path.endswith(".npy"):
+        try:
+            z = np.load(path, allow_pickle=False)
+        except ValueError as err:
+            raise ValueError(f"--input {path!r} is not a numeric .npy array: {err}") from None
+    else:
+        try:
+            from safetensors.numpy import load_file
+        except ImportError:
+            raise ValueError("reading .safetensors latents needs `pip install safetensors`") from None
+        tensors = load_file(path)
+        z = tensors.get("latents", next(iter(tensors.values()), None))
+    z = np.asarray(z, np.float32)
+    if z.ndim == 3:
+        z = z[None]
+    if z.ndim == 4 and z.shape[-1] != channels and z.shape[1] == channels:
+        z = z.transpose(0, 2, 3, 1)
+    if z.ndim != 4 or z.shape[-1] != channels:
+        raise ValueError(f"--input {path!r}: latents of shape {z.shape} do not have the "
+                         f"{channels} channels of the model's VAE")
+    return z
+
+
 def _inputs(input_path: str, output: str) -> tuple[list[str], str | None]:
     """The input files and their root folder (None for a single file)."""
     src = paths.resolve(input_path)
@@ -112,26 +148,25 @@ def run(args: argparse.Namespace) -> dict[str, int]:
     from tqdm.auto import tqdm
 
     from fmboost_jax.cfm.upsampling import resize
-    from fmboost_jax.inference.upsampler import load_upsampler
 
-    files, root = _inputs(args.input, args.output)
+    if args.input.endswith(LATENT_SUFFIXES):
+        return boost_latents(args)
+    files, root = _inputs(args.input, args.output)            # bad inputs: before any work
     todo = [f for f in files if not os.path.exists(output_path(f, root, args.output))]
-    up = load_upsampler(args.model, args.config, vae=args.vae, dtype=args.dtype)
+    model = load_model(args)
     skipped: list[str] = []
     written, start = 0, time.perf_counter()
     bar = tqdm(total=len(todo), desc="upsample", unit="img", dynamic_ncols=True)
     for i, (names, lowres) in enumerate(_batches(todo, args.batch_size, skipped)):
-        h, w = lowres.shape[1] * up.upscale, lowres.shape[2] * up.upscale
         try:
-            up.cfm.latent_size((h, w))
+            h, w = model.output_size(lowres.shape[1], lowres.shape[2])
         except ValueError as err:
             skipped += [f"{n}: {err}" for n in names]
             if root is None:
                 raise ValueError(f"--input {args.input!r}: {err}") from None
             bar.update(len(names))
             continue
-        out = up(lowres, jax.random.fold_in(jax.random.PRNGKey(args.seed), i),
-                 solver=args.solver, num_steps=args.num_steps)
+        out = _boost(model, lowres, jax.random.fold_in(jax.random.PRNGKey(args.seed), i), args)
         boosted = images_lib.to_uint8(np.asarray(out.images).clip(-1, 1))
         bicubic = images_lib.to_uint8(np.asarray(resize(lowres, (h, w), "bicubic")).clip(-1, 1))
         for name, img, bic in zip(names, boosted, bicubic):
@@ -149,6 +184,56 @@ def run(args: argparse.Namespace) -> dict[str, int]:
     counts = {"written": written, "existing": len(files) - len(todo), "skipped": len(skipped)}
     print(f"upsample: {counts['written']} written, {counts['existing']} already there, "
           f"{counts['skipped']} skipped -> {args.output}")
+    return counts
+
+
+def load_model(args: argparse.Namespace):
+    """One `Upsampler`, or a `Cascade` of one per `--model`."""
+    from fmboost_jax.inference.upsampler import Cascade, load_upsampler
+    configs = args.config or [None]
+    if len(configs) not in (1, len(args.model)):
+        raise ValueError(f"{len(configs)} --config for {len(args.model)} --model: give one per "
+                         "model, or one for all")
+    stages = [load_upsampler(m, configs[i % len(configs)], vae=args.vae, dtype=args.dtype)
+              for i, m in enumerate(args.model)]
+    return stages[0] if len(stages) == 1 else Cascade(stages)
+
+
+def _boost(model, x: np.ndarray, rng, args: argparse.Namespace, latents: bool = False):
+    """The last stage's `SampleOutput` for low-res images (or latents) `x`."""
+    from fmboost_jax.inference.upsampler import Cascade
+    kw = dict(solver=args.solver, num_steps=args.num_steps)
+    fn = model.from_latents if latents else model
+    if isinstance(model, Cascade):
+        return fn(x, rng, decode_all=False, **kw)[-1]
+    return fn(x, rng, **kw)
+
+
+def boost_latents(args: argparse.Namespace) -> dict[str, int]:
+    """Latents of a `.npy`/`.safetensors` file -> `--output/NAME_0000.png`, ... (existing skipped)."""
+    import jax
+    from tqdm.auto import tqdm
+
+    src = paths.resolve(args.input)
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"--input {args.input!r} does not exist")
+    model = load_model(args)
+    first = model.stages[0] if hasattr(model, "stages") else model
+    z = read_latents(src, first.cfm.first_stage.latent_channels)
+    stem = os.path.splitext(os.path.basename(src))[0]
+    dst = [os.path.join(args.output, f"{stem}_{i:04d}.png") for i in range(len(z))]
+    todo = [i for i in range(len(z)) if not os.path.exists(dst[i])]
+    written = 0
+    for lo in tqdm(range(0, len(todo), args.batch_size), desc="upsample", unit="batch"):
+        rows = todo[lo:lo + args.batch_size]
+        out = _boost(model, z[rows], jax.random.fold_in(jax.random.PRNGKey(args.seed), lo), args,
+                     latents=True)
+        for i, img in zip(rows, images_lib.to_uint8(np.asarray(out.images).clip(-1, 1))):
+            save_png(img, dst[i])
+        written += len(rows)
+    counts = {"written": written, "existing": len(z) - len(todo), "skipped": 0}
+    print(f"upsample: {written} written, {counts['existing']} already there, 0 skipped -> "
+          f"{args.output}")
     return counts
 
 

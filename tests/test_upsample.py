@@ -87,3 +87,28 @@ def test_converted_params_with_a_config_boost_and_unsuitable_sizes_are_named(
     assert exit_info.value.code == 2
     assert "output size 16x24 px is not a multiple of 16" in capsys.readouterr().err
     assert not (tmp_path / "c.png").exists()
+
+
+def test_latents_of_a_diffusion_model_in_npy_and_a_cascade_of_two_models(smoke_params, tmp_path,
+                                                                         capsys):
+    z = np.random.default_rng(0).normal(size=(3, 4, 2, 2)).astype(np.float32)   # NCHW, 16² px
+    np.save(tmp_path / "sd.npy", z)
+    args = ["--model", smoke_params, "--config", "lhq:smoke", "--num_steps", "1",
+            "--batch_size", "2"]
+    assert upsample.main([*args, "--input", str(tmp_path / "sd.npy"),
+                          "--output", str(tmp_path / "out")]) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["sd_0000.png", "sd_0001.png", "sd_0002.png"]
+    assert Image.open(tmp_path / "out" / "sd_0000.png").size == (32, 32)     # 2x of 16 px
+    assert "3 written" in capsys.readouterr().out
+    np.save(tmp_path / "wrong.npy", np.zeros((1, 16, 2, 2), np.float32))
+    with pytest.raises(SystemExit):
+        upsample.main([*args, "--input", str(tmp_path / "wrong.npy"), "--output", str(tmp_path)])
+    assert "do not have the 4 channels of the model's VAE" in capsys.readouterr().err
+    image = tmp_path / "small.png"
+    Image.fromarray(skimage.data.chelsea()[100:116, 100:116]).save(image)
+    cascade = ["--model", smoke_params, "--model", smoke_params, "--config", "lhq:smoke",
+               "--num_steps", "1"]
+    assert upsample.main([*cascade, "--input", str(image), "--output", str(tmp_path / "big.png"),
+                          "--compare"]) == 0
+    assert Image.open(tmp_path / "big.png").size == (64, 64)                  # 2x, then 2x
+    assert Image.open(tmp_path / "big_compare.png").size == (128, 64)

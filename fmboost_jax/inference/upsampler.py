@@ -50,6 +50,13 @@ class Upsampler:
         options.update({k: v for k, v in overrides.items() if v is not None})
         return options
 
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """The output size in pixels of an (h, w) input image; raises ValueError naming the sizes
+        when the network cannot take it."""
+        size = (h * self.upscale, w * self.upscale)
+        self.cfm.latent_size(size)
+        return size
+
     def _run(self, x: jax.Array, rng: jax.Array | None, latents: bool,
              options: dict[str, Any]) -> sampling.SampleOutput:
         """The jitted sampler of (`latents`, `options`) on `x`, split over the local devices."""
@@ -69,7 +76,7 @@ class Upsampler:
         x = jnp.asarray(lowres_images, jnp.float32)
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"low-res images must be (B, h, w, 3), got shape {x.shape}")
-        self.cfm.latent_size((x.shape[1] * self.upscale, x.shape[2] * self.upscale))  # names a bad size
+        self.output_size(x.shape[1], x.shape[2])                   # names a bad size
         return self._run(x, rng, False, self.options(solver=solver, num_steps=num_steps, **options))
 
     def from_latents(self, lowres_latents: Any, rng: jax.Array | None = None, *,
@@ -107,6 +114,13 @@ class Cascade:
     @property
     def upscale(self) -> int:
         return int(np.prod([s.upscale for s in self.stages]))
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """The last stage's output size in pixels of an (h, w) input; ValueError if a stage
+        cannot take its input."""
+        for stage in self.stages:
+            h, w = stage.output_size(h, w)
+        return h, w
 
     def __call__(self, lowres_images: Any, rng: jax.Array | None = None, *,
                  decode_all: bool = True, **options: Any) -> list[sampling.SampleOutput]:
