@@ -44,7 +44,8 @@ def test_base_config_is_the_released_setup_field_by_field():
 
 
 def test_the_shipped_configs_are_valid_and_load_by_name_or_path(tiny_config):
-    for spec in ("demo", "demo:smoke", "lhq", "lhq:smoke", "faceshq", "faceshq:smoke"):
+    for spec in ("demo", "demo:smoke", "lhq", "lhq:smoke", "faceshq", "faceshq:smoke", "lhq_2k",
+                 "lhq_2k:smoke", "lhq_cascade", "lhq_cascade:smoke"):
         config_lib.validate(load_config(spec))
     by_path = load_config(os.path.join(ROOT, "configs", "faceshq.py") + ":smoke")
     assert by_path == load_config("faceshq:smoke")
@@ -58,6 +59,10 @@ def test_the_paper_configs_change_only_what_differs_from_the_released_setup():
     assert lhq.unet == base.unet and lhq.coupling == base.coupling and lhq.optim == base.optim
     assert (faces.low_res_size, faces.high_res_size) == (256, 1024)        # 32² -> 128² latents
     assert faces.data.tfds_name == "faceshq" and faces.unet == base.unet
+    two_k, stage2 = load_config("lhq_2k"), load_config("lhq_cascade")
+    assert (two_k.low_res_size // 8, two_k.high_res_size // 8) == (64, 256)    # the 2k figure
+    assert (stage2.low_res_size, stage2.high_res_size) == (lhq.high_res_size, 2048)
+    assert two_k.first_stage.tile_size == stage2.first_stage.tile_size == 1024
 
 
 def test_a_vae_first_stage_needs_a_checkpoint(tiny_config):
