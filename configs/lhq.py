@@ -29,6 +29,18 @@ def get_config(arg: str | None = None):
     return c
 
 
+def at_2k(low_res: int, arg: str | None, smoke_low_res: int):
+    """The released setup with 2048² outputs from `low_res` inputs, the VAE in 1024-px tiles;
+    `arg="smoke"`: the same path on a CPU (`smoke_low_res` -> 64 px, no tiles)."""
+    c = get_config()
+    c.low_res_size, c.high_res_size = low_res, 2048
+    c.first_stage.tile_size = 1024
+    if arg == "smoke":
+        smoke(c, low_res=smoke_low_res, high_res=64)
+        c.first_stage.tile_size = 0
+    return c
+
+
 def smoke(c, low_res: int, high_res: int) -> None:
     """Shrinks a latent-space config to a few CPU steps on the same code path."""
     c.low_res_size, c.high_res_size = low_res, high_res

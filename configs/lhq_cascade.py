@@ -15,10 +15,4 @@ from configs import lhq
 
 
 def get_config(arg: str | None = None):
-    c = lhq.get_config()
-    c.low_res_size, c.high_res_size = 1024, 2048
-    c.first_stage.tile_size = 1024
-    if arg == "smoke":
-        lhq.smoke(c, low_res=32, high_res=64)
-        c.first_stage.tile_size = 0
-    return c
+    return lhq.at_2k(1024, arg, smoke_low_res=32)

@@ -40,6 +40,11 @@ class Upsampler:
     config: ml_collections.ConfigDict
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
 
+    def __post_init__(self):
+        # Replicated over the local devices, which the batch is split over.
+        replicated = jax.sharding.NamedSharding(_local_mesh(), jax.sharding.PartitionSpec())
+        self.params, self.fs_params = jax.device_put((self.params, self.fs_params), replicated)
+
     @property
     def upscale(self) -> int:
         return self.cfm.upscale
@@ -66,7 +71,11 @@ class Upsampler:
         rng = jax.random.PRNGKey(0) if rng is None else rng
         n, x = x.shape[0], _split_over_local_devices(x)
         out = self._compiled[key](self.params, self.fs_params, x, rng)
-        return jax.tree.map(lambda a: a[:n] if _batched(a, x.shape[0]) else a, out)
+        rows = lambda a: None if a is None else a[:n]           # drop the padding rows
+        return out._replace(images=rows(out.images), latents=rows(out.latents),
+                            stats={k: v if v.ndim == 0 else v[:n] for k, v in out.stats.items()},
+                            intermediates=None if out.intermediates is None
+                            else out.intermediates[:, :n])
 
     def __call__(self, lowres_images: Any, rng: jax.Array | None = None, *,
                  solver: str | None = None, num_steps: int | None = None,
@@ -155,20 +164,17 @@ def _latent_space(up: Upsampler) -> Any:
     return (type(fs).__name__, getattr(fs, "config", None))
 
 
-def _batched(a: Any, batch: int) -> bool:
-    return hasattr(a, "ndim") and a.ndim >= 1 and a.shape[0] == batch
+def _local_mesh() -> jax.sharding.Mesh:
+    return jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))
 
 
 def _split_over_local_devices(x: jax.Array) -> jax.Array:
-    """The batch padded to a multiple of the local devices and split over them (one device:
-    as it is)."""
-    devices = jax.local_devices()
-    if len(devices) == 1:
-        return x
-    pad = -x.shape[0] % len(devices)
+    """The batch padded to a multiple of the local devices (with copies of its last row) and
+    split over them."""
+    pad = -x.shape[0] % jax.local_device_count()
     x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
-    mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
-    return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
+    sharding = jax.sharding.NamedSharding(_local_mesh(), jax.sharding.PartitionSpec("batch"))
+    return jax.device_put(x, sharding)
 
 
 # ------------------------------------------------------------------------ loading

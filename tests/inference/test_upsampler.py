@@ -76,3 +76,18 @@ def test_a_cascade_runs_its_stages_back_to_back_in_latent_space(smoke, tiny_work
     assert outs[0].images is None and outs[1].images.shape == (1, 128, 128, 3)
     with pytest.raises(ValueError, match="another latent space"):
         Cascade([smoke, load_upsampler(tiny_workdir)])               # pixels after latents
+
+
+def test_a_batch_is_split_over_the_local_devices_with_the_single_device_result():
+    import os
+    import subprocess
+    import sys
+
+    from support import ROOT
+    script = os.path.join(ROOT, "tests", "inference", "split_over_devices.py")
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(r for r in proc.stdout.splitlines() if r.startswith("RESULT")).split()
+    devices, used, padded, diff = int(row[1]), int(row[2]), int(row[3]), float(row[4])
+    assert (devices, used, padded) == (8, 8, 8) and diff <= 1e-5

@@ -1,0 +1,30 @@
+"""Boosts a batch of 3 with the batch split over 8 fake CPU devices and on one device; prints the
+largest difference. Run by tests/inference/test_upsampler.py in a fresh process:
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/inference/split_over_devices.py
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import numpy as np
+from support import tiny_pixel_config
+
+from fmboost_jax.cfm.model import CFM
+from fmboost_jax.cfm.sampling import make_sample_fn
+from fmboost_jax.inference.upsampler import Upsampler, _split_over_local_devices
+
+config = tiny_pixel_config()
+cfm = CFM.from_config(config)
+params = jax.tree.map(lambda p: p + 0.01, cfm.init_params(jax.random.PRNGKey(0)))   # v != 0
+lowres = np.random.default_rng(0).uniform(-1, 1, (3, 4, 4, 3)).astype(np.float32)
+up = Upsampler(cfm, params, {}, config)
+out = up(lowres, jax.random.PRNGKey(1), solver="heun", num_steps=2)
+one = make_sample_fn(cfm, solver="heun", num_steps=2)(params, {}, lowres, jax.random.PRNGKey(1))
+assert out.images.shape == (3, 16, 16, 3), out.images.shape
+split = _split_over_local_devices(lowres)               # padded to 8, one row per device
+print("RESULT", jax.local_device_count(), len(split.sharding.device_set), split.shape[0],
+      float(np.abs(np.asarray(out.images) - np.asarray(one.images)).max()))
