@@ -49,31 +49,31 @@ def smoke(smoke_params):
 
 def test_from_latents_boosts_a_diffusion_models_latents_as_psu_does_its_image(smoke):
     fs, fs_params = smoke.cfm.first_stage, smoke.fs_params
-    image = photos.eval_crops(("chelsea",), 32, 2)                  # 32² px
-    z = fs.encode(fs_params, image)                                  # (2, 4, 4, 4) scaled latents
+    image = photos.eval_crops(("chelsea",), 16, 2)                  # 16² px
+    z = fs.encode(fs_params, image)                                  # (2, 2, 2, 4) scaled latents
     rng = jax.random.PRNGKey(3)
-    out = smoke.from_latents(z, rng, solver="euler", num_steps=2)
-    assert out.latents.shape == (2, 8, 8, 4) and out.images.shape == (2, 64, 64, 3)
-    via_images = smoke(fs.decode(fs_params, z), rng, solver="euler", num_steps=2)
+    out = smoke.from_latents(z, rng, solver="euler", num_steps=1)
+    assert out.latents.shape == (2, 4, 4, 4) and out.images.shape == (2, 32, 32, 3)
+    via_images = smoke(fs.decode(fs_params, z), rng, solver="euler", num_steps=1)
     np.testing.assert_allclose(out.latents, via_images.latents, atol=1e-5)
-    assert smoke.from_latents(z, rng, decode=False, num_steps=2).images is None
-    with pytest.raises(ValueError, match=r"latents must be \(B, h, w, 4\).*\(2, 4, 4, 16\)"):
-        smoke.from_latents(np.zeros((2, 4, 4, 16)))
+    assert smoke.from_latents(z, rng, decode=False, solver="euler", num_steps=1).images is None
+    with pytest.raises(ValueError, match=r"latents must be \(B, h, w, 4\).*\(2, 2, 2, 16\)"):
+        smoke.from_latents(np.zeros((2, 2, 2, 16)))
 
 
 def test_a_cascade_runs_its_stages_back_to_back_in_latent_space(smoke, tiny_workdir):
-    cascade = Cascade([smoke, smoke])                                # 2x then 2x: 32² -> 128² px
+    cascade = Cascade([smoke, smoke])                                # 2x then 2x: 16² -> 64² px
     assert cascade.upscale == 4
-    image = photos.eval_crops(("chelsea",), 32, 1)
+    image = photos.eval_crops(("chelsea",), 16, 1)
     rng = jax.random.PRNGKey(5)
     first, second = cascade(image, rng, solver="euler", num_steps=1)
-    assert first.images.shape == (1, 64, 64, 3) and second.images.shape == (1, 128, 128, 3)
+    assert first.images.shape == (1, 32, 32, 3) and second.images.shape == (1, 64, 64, 3)
     alone = smoke.from_latents(first.latents, jax.random.fold_in(rng, 1), solver="euler",
                                num_steps=1)
     np.testing.assert_allclose(second.latents, alone.latents, atol=1e-5)
     z = smoke.cfm.first_stage.encode(smoke.fs_params, image)
     outs = cascade.from_latents(z, rng, decode_all=False, solver="euler", num_steps=1)
-    assert outs[0].images is None and outs[1].images.shape == (1, 128, 128, 3)
+    assert outs[0].images is None and outs[1].images.shape == (1, 64, 64, 3)
     with pytest.raises(ValueError, match="another latent space"):
         Cascade([smoke, load_upsampler(tiny_workdir)])               # pixels after latents
 
