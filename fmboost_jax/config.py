@@ -153,7 +153,6 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 # ------------------------------------------------------------------------ loading
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
