@@ -154,7 +154,6 @@ def base_config() -> ml_collections.ConfigDict:
 
 # ------------------------------------------------------------------------ loading
 
-
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """`path/to/config.py[:arg]` or a module of `configs/` by name (`lhq:smoke`) -> its
     `get_config(arg)`."""
