@@ -13,7 +13,10 @@ as the diffusion model emits them; the images go to `--output` as `NAME_0000.png
 Unreadable or odd files, and images whose size the model cannot take, are skipped with their path
 and counted. Outputs are written under a temporary name and renamed when complete, and a rerun
 skips outputs that exist, so an interrupted folder job resumes. `--compare` also writes
-`NAME_compare.png`: bicubic | CFM, labelled.
+`NAME_compare.png`: bicubic | CFM, labelled. `--ground_truth` takes the inputs as high-res ground
+truth: each is centre-cropped to the largest size the model makes, down-sampled as in training and
+boosted; the comparison gets a ground-truth panel, and PSNR and SSIM of CFM and bicubic are printed
+per image. Grayscale inputs give grayscale PNGs.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None,
                    help="compute dtype (default: the model's config)")
     p.add_argument("--compare", action="store_true", help="also write NAME_compare.png")
+    p.add_argument("--ground_truth", action="store_true",
+                   help="inputs are high-res ground truth: down-sample, boost, compare and score")
     return p
 
 
@@ -62,22 +67,25 @@ def output_path(src: str, root: str | None, output: str) -> str:
     return os.path.join(output, rel)
 
 
-def save_png(image: np.ndarray, path: str) -> None:
-    """Writes a uint8 (H, W, 3) image atomically (a temporary name, then a rename)."""
+def save_png(image: np.ndarray, path: str, gray: bool = False) -> None:
+    """Writes a uint8 (H, W, 3) image atomically (a temporary name, then a rename); `gray`: as
+    8-bit grayscale (luma), for grayscale inputs."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}.png"
-    Image.fromarray(image).save(tmp, format="PNG")
+    img = Image.fromarray(image)
+    (img.convert("L") if gray else img).save(tmp, format="PNG")
     os.replace(tmp, path)
 
 
-def comparison(bicubic: np.ndarray, boosted: np.ndarray) -> np.ndarray:
-    """bicubic | CFM side by side (uint8), each labelled in its top-left corner."""
-    pair = Image.fromarray(np.concatenate([bicubic, boosted], axis=1))
-    draw = ImageDraw.Draw(pair)
-    for x, label in ((0, "bicubic"), (bicubic.shape[1], "CFM")):
-        draw.rectangle((x, 0, x + 8 * len(label) + 6, 14), fill=(0, 0, 0))
+def comparison(panels: dict[str, np.ndarray]) -> np.ndarray:
+    """Same-size uint8 (H, W, 3) images side by side, each labelled in its top-left corner."""
+    row = Image.fromarray(np.concatenate(list(panels.values()), axis=1))
+    draw = ImageDraw.Draw(row)
+    for i, (label, img) in enumerate(panels.items()):
+        x = i * img.shape[1]
+        draw.rectangle((x, 0, x + 6 * len(label) + 6, 14), fill=(0, 0, 0))
         draw.text((x + 3, 2), label, fill=(255, 255, 255))
-    return np.asarray(pair)
+    return np.asarray(row)
 
 
 def _batches(files: Sequence[str], batch_size: int, skipped: list[str]
@@ -157,8 +165,10 @@ def run(args: argparse.Namespace) -> dict[str, int]:
     skipped: list[str] = []
     written, start = 0, time.perf_counter()
     bar = tqdm(total=len(todo), desc="upsample", unit="img", dynamic_ncols=True)
+    scores = Scores()
     for i, (names, lowres) in enumerate(_batches(todo, args.batch_size, skipped)):
         try:
+            truth, lowres = _ground_truth(model, lowres) if args.ground_truth else (None, lowres)
             h, w = model.output_size(lowres.shape[1], lowres.shape[2])
         except ValueError as err:
             skipped += [f"{n}: {err}" for n in names]
@@ -167,13 +177,20 @@ def run(args: argparse.Namespace) -> dict[str, int]:
             bar.update(len(names))
             continue
         out = _boost(model, lowres, jax.random.fold_in(jax.random.PRNGKey(args.seed), i), args)
-        boosted = images_lib.to_uint8(np.asarray(out.images).clip(-1, 1))
-        bicubic = images_lib.to_uint8(np.asarray(resize(lowres, (h, w), "bicubic")).clip(-1, 1))
-        for name, img, bic in zip(names, boosted, bicubic):
+        bicubic = resize(lowres, (h, w), "bicubic")
+        if truth is not None:
+            shown = [os.path.relpath(n, root) if root else args.input for n in names]
+            scores.add(shown, truth, CFM=out.images, bicubic=bicubic)
+        gray = np.all(lowres.max(-1) == lowres.min(-1), axis=(1, 2))          # per image
+        panels = {"bicubic": bicubic, "CFM": out.images, "ground truth": truth}
+        panels = {k: images_lib.to_uint8(np.asarray(v).clip(-1, 1))
+                  for k, v in panels.items() if v is not None}
+        for j, name in enumerate(names):
             dst = output_path(name, root, args.output)
-            save_png(img, dst)
+            save_png(panels["CFM"][j], dst, gray[j])
             if args.compare:
-                save_png(comparison(bic, img), os.path.splitext(dst)[0] + "_compare.png")
+                save_png(comparison({k: v[j] for k, v in panels.items()}),
+                         os.path.splitext(dst)[0] + "_compare.png", gray[j])
         written += len(names)
         bar.update(len(names))
         bar.set_postfix(img_s=f"{written / (time.perf_counter() - start):.2f}",
@@ -184,7 +201,44 @@ def run(args: argparse.Namespace) -> dict[str, int]:
     counts = {"written": written, "existing": len(files) - len(todo), "skipped": len(skipped)}
     print(f"upsample: {counts['written']} written, {counts['existing']} already there, "
           f"{counts['skipped']} skipped -> {args.output}")
+    for line in scores.lines() if scores.rows else ():
+        print(line)
     return counts
+
+
+def _ground_truth(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """High-res images -> (the centre crop of the largest size the model makes, its low-res
+    input made as in training); ValueError for images too small for the model."""
+    from fmboost_jax.inference.upsampler import largest_output
+    h, w = largest_output(model, images.shape[1], images.shape[2])
+    if not (h and w):
+        raise ValueError(f"a {images.shape[1]}x{images.shape[2]} image is too small for the "
+                         f"model's smallest output")
+    y, x = (images.shape[1] - h) // 2, (images.shape[2] - w) // 2
+    truth = images[:, y:y + h, x:x + w]
+    return truth, np.asarray(model.downsample(truth))
+
+
+class Scores:
+    """Per-image PSNR and SSIM of several methods against the ground truth."""
+
+    def __init__(self):
+        self.rows: dict[str, dict[str, tuple[float, float]]] = {}   # name -> method -> scores
+
+    def add(self, names: Sequence[str], truth: np.ndarray, **methods) -> None:
+        from fmboost_jax.evaluation import metrics
+        for method, images in methods.items():
+            psnr, ssim = np.asarray(metrics.psnr(images, truth)), np.asarray(metrics.ssim(images, truth))
+            for name, p, q in zip(names, psnr, ssim):
+                self.rows.setdefault(name, {})[method] = (float(p), float(q))
+
+    def lines(self) -> list[str]:
+        """One line per image, then the means."""
+        line = lambda scores: ", ".join(f"{m} {p:.2f} dB / SSIM {q:.3f}" for m, (p, q) in scores.items())
+        means = {m: tuple(np.mean([r[m] for r in self.rows.values()], axis=0))
+                 for m in next(iter(self.rows.values()), {})}
+        return ([f"{name}: {line(scores)}" for name, scores in self.rows.items()]
+                + [f"mean of {len(self.rows)} images against the ground truth: {line(means)}"])
 
 
 def load_model(args: argparse.Namespace):

@@ -38,6 +38,21 @@ def test_a_file_is_boosted_4x_with_a_labelled_comparison(tiny_workdir, inputs, t
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
+def test_ground_truth_is_down_sampled_boosted_compared_and_scored(tiny_workdir, tmp_path, capsys):
+    truth = skimage.data.astronaut()[100:150, 180:215]                   # 50 x 35 px
+    Image.fromarray(truth).save(tmp_path / "truth.png")
+    assert upsample.main(["--model", tiny_workdir, "--input", str(tmp_path / "truth.png"),
+                          "--output", str(tmp_path / "out.png"), "--ground_truth", "--compare",
+                          "--num_steps", "1"]) == 0
+    assert Image.open(tmp_path / "out.png").size == (32, 48)             # 4x of 12 x 8 px
+    compare = np.asarray(Image.open(tmp_path / "out_compare.png"))
+    assert compare.shape == (48, 96, 3)                                  # bicubic | CFM | truth
+    np.testing.assert_array_equal(compare[16:, 64:], truth[1 + 16:49, 1:33])  # centre crop
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].startswith(f"{tmp_path / 'truth.png'}: CFM ") and "bicubic" in lines[-2]
+    assert lines[-1].startswith("mean of 1 images against the ground truth: CFM ")
+
+
 def test_a_folder_skips_the_corrupt_file_counts_it_and_a_rerun_resumes(tiny_workdir, inputs,
                                                                          tmp_path, capsys):
     out = tmp_path / "out"
@@ -48,7 +63,8 @@ def test_a_folder_skips_the_corrupt_file_counts_it_and_a_rerun_resumes(tiny_work
     assert "3 written, 0 already there, 1 skipped" in printed.out
     assert "broken.png" in printed.err
     assert Image.open(out / "sub" / "coffee.png").size == (48, 32)      # 12x8 -> 48x32
-    assert Image.open(out / "camera.png").mode == "RGB"
+    assert Image.open(out / "sub" / "coffee.png").mode == "RGB"
+    assert Image.open(out / "camera.png").mode == "L"                   # grayscale in and out
     os.remove(out / "camera.png")
     assert upsample.main(args) == 0
     assert "1 written, 2 already there, 1 skipped" in capsys.readouterr().out

@@ -26,6 +26,7 @@ from fmboost_jax import config as config_lib
 from fmboost_jax import paths
 from fmboost_jax.cfm import sampling
 from fmboost_jax.cfm.model import CFM
+from fmboost_jax.cfm.upsampling import resize
 
 PyTree = Any
 CONFIG_FILE = "config.json"
@@ -61,6 +62,11 @@ class Upsampler:
         size = (h * self.upscale, w * self.upscale)
         self.cfm.latent_size(size)
         return size
+
+    def downsample(self, images: Any) -> jax.Array:
+        """Ground truth (B, H, W, 3) -> the low-res input (B, H / upscale, W / upscale, 3), made
+        as in training (the config's down-sampling and anti-aliasing)."""
+        return self.cfm.lowres_images(jnp.asarray(images, jnp.float32))
 
     def _run(self, x: jax.Array, rng: jax.Array | None, latents: bool,
              options: dict[str, Any]) -> sampling.SampleOutput:
@@ -131,6 +137,14 @@ class Cascade:
             h, w = stage.output_size(h, w)
         return h, w
 
+    def downsample(self, images: Any) -> jax.Array:
+        """Ground truth (B, H, W, 3) -> the low-res input of the first stage, made as it was in
+        training but by the whole cascade's factor."""
+        cfm = self.stages[0].cfm
+        size = (images.shape[1] // self.upscale, images.shape[2] // self.upscale)
+        return resize(jnp.asarray(images, jnp.float32), size, cfm.lowres_downsampling,
+                      cfm.lowres_antialias)
+
     def __call__(self, lowres_images: Any, rng: jax.Array | None = None, *,
                  decode_all: bool = True, **options: Any) -> list[sampling.SampleOutput]:
         """Low-res images -> one `SampleOutput` per stage (images of each, when `decode_all`;
@@ -156,6 +170,19 @@ class Cascade:
                                            decode=decode_all or last, **options))
             latents = outs[-1].latents
         return outs
+
+
+def largest_output(model: Upsampler | Cascade, height: int, width: int) -> tuple[int, int]:
+    """The largest output size (H, W) <= (height, width) in pixels that `model` makes (0 where no
+    size fits): ground truth is cropped to it before it is down-sampled."""
+    def fits(side: int) -> bool:
+        try:
+            model.output_size(side, side)       # the rules are the same along both axes
+        except ValueError:
+            return False
+        return True
+    side = lambda n: next((s for s in range(n // model.upscale, 0, -1) if fits(s)), 0)
+    return side(height) * model.upscale, side(width) * model.upscale
 
 
 def _latent_space(up: Upsampler) -> Any:

@@ -7,7 +7,7 @@ import pytest
 
 from fmboost_jax.cfm.upsampling import resize
 from fmboost_jax.data import photos
-from fmboost_jax.inference.upsampler import Cascade, load_upsampler
+from fmboost_jax.inference.upsampler import Cascade, largest_output, load_upsampler
 
 
 def test_a_workdir_loads_with_its_config_and_boosts_any_size(tiny_workdir):
@@ -76,6 +76,24 @@ def test_a_cascade_runs_its_stages_back_to_back_in_latent_space(smoke, tiny_work
     assert outs[0].images is None and outs[1].images.shape == (1, 64, 64, 3)
     with pytest.raises(ValueError, match="another latent space"):
         Cascade([smoke, load_upsampler(tiny_workdir)])               # pixels after latents
+
+
+def test_ground_truth_is_fitted_to_the_largest_output_and_down_sampled_by_the_whole_factor(smoke):
+    # One 2x stage makes multiples of 16 px (tiny VAE 8 x UNet 2); a second 2x stage then needs
+    # inputs of 8-px multiples, so the cascade makes multiples of 32.
+    cascade = Cascade([smoke, smoke])
+    assert largest_output(smoke, 100, 50) == (96, 48)
+    assert largest_output(cascade, 100, 50) == (96, 32)
+    assert largest_output(cascade, 31, 100) == (0, 96)
+    truth = photos.eval_crops(("chelsea",), 64, 1)
+    assert smoke.downsample(truth).shape == (1, 32, 32, 3)
+    low = cascade.downsample(truth)
+    assert low.shape == (1, 16, 16, 3)
+    # bilinear without anti-aliasing (torch's, as in training) by 4 in one step: the mean of the
+    # two middle pixels of every 4 along each axis
+    t = truth[0]
+    middle = (t[1::4, 1::4] + t[1::4, 2::4] + t[2::4, 1::4] + t[2::4, 2::4]) / 4
+    np.testing.assert_allclose(low[0], middle, atol=1e-5)
 
 
 def test_a_batch_is_split_over_the_local_devices_with_the_single_device_result():

@@ -1,0 +1,49 @@
+"""notebooks/boost.ipynb runs top to bottom (nbclient), with tiny parameters: it trains the demo's
+smoke variant in the kernel, boosts held-out photos, sweeps two solvers and draws the path."""
+
+import os
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from support import ROOT
+
+NOTEBOOK = os.path.join(ROOT, "notebooks", "boost.ipynb")
+
+
+def with_parameters(nb: nbformat.NotebookNode, **values) -> nbformat.NotebookNode:
+    """`nb` with a cell setting `values` after its `parameters` cell (papermill's convention)."""
+    index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", ()))
+    source = "\n".join(f"{k} = {v!r}" for k, v in values.items())
+    nb.cells.insert(index + 1, nbformat.v4.new_code_cell(source))
+    return nb
+
+
+def outputs(nb: nbformat.NotebookNode) -> tuple[str, int]:
+    """All text the cells printed, and the number of images they displayed."""
+    text, images = [], 0
+    for cell in nb.cells:
+        for out in cell.get("outputs", ()):
+            text.append(out.get("text", ""))
+            images += "image/png" in out.get("data", {})
+    return "".join(text), images
+
+
+@pytest.mark.slow
+def test_notebook_runs_with_tiny_parameters(tmp_path, monkeypatch):
+    with open(NOTEBOOK) as f:
+        nb = nbformat.read(f, as_version=4)
+    assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), \
+        "commit the notebook without outputs"
+    nb = with_parameters(nb, DEMO_CONFIG="demo:smoke", DEMO_WORKDIR=str(tmp_path / "demo"),
+                         HELD_OUT=("camera", "coins"), CROP=32, NUM_STEPS=(1, 2), PATH_STATES=2)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, "tests", ".jax_cache"))
+    client = NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": ROOT}})
+    client.execute()                                  # a failing cell raises CellExecutionError
+    text, images = outputs(nb)
+    assert "(2, 8, 8, 3) -> (2, 32, 32, 3)" in text
+    for solver, nfe in (("euler", 2), ("heun", 4)):
+        assert f"{solver:>8}   2 steps: NFE {nfe:3d}" in text
+    assert images == 3                                 # photos, the NFE plot, the path
+    assert os.path.isdir(tmp_path / "demo" / "checkpoints")
