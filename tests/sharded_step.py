@@ -53,7 +53,7 @@ def run(config, mesh):
 
 def main():
     assert jax.device_count() == 8, jax.devices()
-    config = tiny_config.get_config()
+    config = tiny_config.get_config("flat")        # one level, no attention: compiles fastest
     config.batch_size = 8
     config.fsdp_min_size = 256
     one = sharding.make_mesh((("data", 1), ("fsdp", 1)), jax.devices()[:1])
