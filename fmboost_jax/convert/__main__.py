@@ -42,7 +42,8 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dst", required=True, help="output orbax checkpoint directory")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
     parser.add_argument("--allow-pickle", action="store_true",
-                        help="torch.load with weights_only=False (trusted files only)")
+                        help="plain pickle, which runs code the file names: only for files you made "
+                             "(Lightning checkpoints load without it)")
 
 
 def build_parser() -> argparse.ArgumentParser:

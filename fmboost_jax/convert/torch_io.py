@@ -1,6 +1,7 @@
 """Reading PyTorch checkpoints and filling Flax params trees from their state dicts.
 
-`load_torch_state_dict` reads `.safetensors` or `.pt/.ckpt/.bin` files (weights only);
+`load_torch_state_dict` reads `.safetensors` or `.pt/.ckpt/.bin` files (without running the
+pickled code: `safe_unpickle`);
 `params_from_torch` maps a state dict onto a tree of param shapes through a layout function
 (the UNet's or the VAE's), finding the network's prefix in training checkpoints and listing every
 missing, unexpected and mis-shaped key; `save_params` writes the result with Orbax.
@@ -124,39 +125,44 @@ def params_from_torch(state_dict: Mapping[str, Any], shapes: Params, layout: Lay
 
 
 def load_torch_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, Any]:
-    """Reads a `.safetensors` file, or a `.pt/.ckpt/.bin` file via `torch.load(weights_only=True)`.
+    """Reads a `.safetensors` file, or a `.pt/.ckpt/.bin/.pth` file with `torch.load` through the
+    restricted unpickler (`safe_unpickle`: tensors and containers load, any other object becomes
+    an inert placeholder, nothing in the file runs), so Lightning checkpoints load as they are.
 
-    `allow_pickle=True` unpickles arbitrary objects (`weights_only=False`); only for trusted files.
+    `allow_pickle=True` unpickles with plain pickle, which runs code the file names: only for a
+    file you made yourself.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.endswith(".safetensors"):
-        try:
-            from safetensors.numpy import load_file
-        except ImportError as err:
-            raise ImportError(f"reading {path} needs the `safetensors` package") from err
-        try:
-            return dict(load_file(path))
-        except Exception as err:
-            raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+        return _load_safetensors(path)
     try:
         import torch
     except ImportError as err:
         raise ImportError(f"reading {path} needs PyTorch (`pip install torch`)") from err
+    from fmboost_jax.convert import safe_unpickle
+    restricted = {} if allow_pickle else {"pickle_module": safe_unpickle}
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        loaded = torch.load(path, map_location="cpu", weights_only=False, **restricted)
     except Exception as err:
-        hint = ""
-        if not allow_pickle and "Weights only load failed" in str(err):
-            hint = (" with weights_only=True (it holds Python objects besides tensors; if the file is "
-                    "trusted, allow_pickle=True / --allow-pickle reads it)")
-        reason = (str(err).strip().splitlines() or [""])[0]
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint{hint}: "
-                         f"{type(err).__name__}: {reason}") from err
+        reason = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
+                         f"{reason}): a damaged or partial file, or another kind of file") from None
     if not isinstance(loaded, Mapping):
-        raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict")
+        raise ValueError(f"{path} holds {loaded!r}, not a state dict: save `model.state_dict()`")
     return dict(loaded)
+
+
+def _load_safetensors(path: str) -> dict[str, Any]:
+    try:
+        from safetensors.numpy import load_file
+    except ImportError as err:
+        raise ImportError(f"reading {path} needs the `safetensors` package") from err
+    try:
+        return dict(load_file(path))
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
 
 
 def save_params(dst: str | os.PathLike, params: Params, overwrite: bool = False) -> str:

@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 from torch_unet_oracle import SMALL, leaf, randomized_torch_unet, training_checkpoint  # noqa: E402
 
 from fmboost_jax import convert  # noqa: E402
+from fmboost_jax.convert import safe_unpickle  # noqa: E402
 from fmboost_jax.models.unet import EfficientUNet  # noqa: E402
 
 
@@ -93,10 +94,70 @@ def test_torch_checkpoint_files_are_read_and_other_files_are_refused(tmp_path: P
         convert.load_torch_state_dict(tmp_path / "absent.pt")
 
 
-def test_checkpoints_with_pickled_objects_need_allow_pickle(tmp_path: Path) -> None:
-    torch.save({"state_dict": {"w": torch.ones(2)}, "hparams": argparse.Namespace(lr=1e-4)},
-               tmp_path / "lightning.ckpt")
-    with pytest.raises(ValueError, match="lightning.ckpt.*allow-pickle"):
-        convert.load_torch_state_dict(tmp_path / "lightning.ckpt")
-    loaded = convert.load_torch_state_dict(tmp_path / "lightning.ckpt", allow_pickle=True)
-    assert loaded["hparams"].lr == 1e-4
+class RunsCodeWhenLoaded:
+    """Unpickling calls `Path(marker).touch()`: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+class HyperParameters:
+    """Like OmegaConf's DictConfig: a class of the training code, pickled by state."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
+def lightning_checkpoint(path: Path, marker: Path, state: dict[str, Any]) -> None:
+    """A file laid out as PyTorch Lightning saves the reference's training runs."""
+    torch.save({"epoch": 3, "global_step": 1200, "pytorch-lightning_version": "2.1.0",
+                "state_dict": state,
+                "hyper_parameters": HyperParameters(lr=1e-4, net={"model_channels": 128}),
+                "hparams_namespace": argparse.Namespace(batch_size=8),
+                "callbacks": {"ModelCheckpoint": {"best_model_path": Path("/ckpt/best.ckpt")}},
+                "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-4}]}],
+                "loops": RunsCodeWhenLoaded(marker)}, path)
+
+
+def test_lightning_checkpoints_load_their_tensors_without_running_the_pickled_code(
+        tmp_path: Path) -> None:
+    marker = tmp_path / "code_ran"
+    state = {"model.net.w": torch.arange(6.0).reshape(2, 3),
+             "ema_model.net.w": torch.ones(2, 3, dtype=torch.float16)}
+    lightning_checkpoint(tmp_path / "last.ckpt", marker, state)
+    with pytest.raises(Exception):  # noqa: B017 - torch's own weights-only loader refuses it
+        torch.load(tmp_path / "last.ckpt", weights_only=True)
+
+    loaded = convert.load_torch_state_dict(tmp_path / "last.ckpt")
+    assert not marker.exists()                              # nothing in the file ran
+    np.testing.assert_array_equal(loaded["state_dict"]["model.net.w"].numpy(),
+                                  np.arange(6.0).reshape(2, 3))
+    assert loaded["state_dict"]["ema_model.net.w"].dtype == torch.float16
+    assert loaded["global_step"] == 1200 and loaded["optimizer_states"][0]["param_groups"][0]["lr"] == 1e-4
+    hp = loaded["hyper_parameters"]                          # inert: its name and state, as data
+    assert "HyperParameters" in repr(hp) and hp.state == {"lr": 1e-4, "net": {"model_channels": 128}}
+    assert isinstance(loaded["loops"], safe_unpickle.Inert)  # the call to Path.touch, recorded
+
+    # Plain pickle runs it: the last resort is named for what it is.
+    convert.load_torch_state_dict(tmp_path / "last.ckpt", allow_pickle=True)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 64, b"PK\x03\x04 torn zip", bytes(range(256)) * 8])
+def test_a_file_that_is_not_a_checkpoint_is_called_that_and_not_advised_to_be_unpickled(
+        tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "random.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="random.ckpt is not a readable PyTorch checkpoint") as err:
+        convert.load_torch_state_dict(path)
+    assert "allow" not in str(err.value)                     # no advice to unpickle it
+
+
+def test_a_pickled_model_instead_of_its_state_dict_is_named(tmp_path: Path) -> None:
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pt")
+    with pytest.raises(ValueError, match=r"not loaded: torch\.nn\..*Linear.*not a state dict"):
+        convert.load_torch_state_dict(tmp_path / "model.pt")
+
