@@ -6,6 +6,7 @@ once per process (see `fmboost_jax/parallel/distributed.py` and `launch/`). On S
 a checkpoint at the next step and exits with status 0.
 """
 
+import asyncio
 import logging as pylogging
 
 from absl import app, flags, logging
@@ -30,10 +31,32 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries(pylogging.Filter):
-    """Drops the INFO chatter of orbax (one line per checkpoint file operation)."""
+    """Drops the INFO chatter of orbax (one line per checkpoint file operation), the tracebacks
+    of its background errors and asyncio's echoes of them: the run reports a failed save itself,
+    in one line."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+        if "asyncio" in record.pathname and "never retrieved" in str(record.msg):
+            return False        # the other writes of a failed save, collected after it
+        if "orbax" not in record.pathname:
+            return True
+        record.exc_info, record.exc_text = None, None
+        return record.levelno >= pylogging.WARNING
+
+
+def _drop_calls_on_closed_loops() -> None:
+    """After a failed asynchronous save, orbax closes its event loop while tensorstore still
+    completes the other writes and schedules their callbacks on it; each such call raises
+    'Event loop is closed' and prints a traceback (dozens, all alike). Such a call could never run,
+    so it is dropped instead; the run reports the failed save itself, in one line."""
+    original = asyncio.BaseEventLoop.call_soon_threadsafe
+
+    def call_soon_threadsafe(loop, callback, *args, context=None):
+        if loop.is_closed():
+            return None
+        return original(loop, callback, *args, context=context)
+
+    asyncio.BaseEventLoop.call_soon_threadsafe = call_soon_threadsafe
 
 
 def main(argv):
@@ -41,10 +64,12 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    _drop_calls_on_closed_loops()
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                            _PROCESS_ID.value)
-    from fmboost_jax.train.loop import train_and_evaluate  # after the processes are connected
-    with user_errors_in_one_line():
+    from fmboost_jax.train.checkpointing import CheckpointError  # after the processes connect
+    from fmboost_jax.train.loop import train_and_evaluate
+    with user_errors_in_one_line(CheckpointError):
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -5,30 +5,51 @@ A checkpoint of step `s` is the directory `workdir/checkpoints/s/` with two item
 - `state`: the `TrainState` (params, EMA params, optimizer state, step, RNG key), written
   asynchronously by every process for its shards;
 - `data`: the input pipeline's position, one JSON file per process
-  (`process_{i}-of-{n}.json`), so a resumed run reads exactly the batches it would have read.
+  (`process_{i}-of-{n}.json`), so a resumed run reads exactly the batches it would have read;
+- `checksums`: two 32-bit sums of every array of `state` (`checksums.py`), checked on restore.
 
 Orbax writes a step into a temporary directory and renames it once every process has
 finished, so a crash mid-write leaves the previous checkpoints as they were and the torn one
 is ignored. Restoring takes the shardings of the *current* mesh, so a run may resume on a
 different number of devices or hosts than it was saved from.
+
+A checkpoint that cannot be read or fails its checksums is never a dead end: `restore` says so
+in one line, renames its directory to `unusable-STEP-TIME` (nothing is deleted) and takes the
+next older one; only when none is usable does it stop (`CheckpointError`). A failed save (full
+disk, no permission, a bucket error) stops the run with a `CheckpointError` naming the directory,
+the cause and the intact steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
+import inspect
 import json
 import os
+import sys
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from fmboost_jax import paths
+from fmboost_jax.train import checksums
 
 PyTree = Any
+CHECKSUMS = "checksums"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or no checkpoint of a workdir can be read; the message
+    names the directory, the steps and what to do."""
 
 
 # ------------------------------------------------------------------------ data iterator state
@@ -92,14 +113,63 @@ def checkpoint_manager(workdir: str, keep: int, keep_every: int = 0) -> ocp.Chec
         preservation_policy=policies.AnyPreservationPolicy(keep_policies),
         enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                                 item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                                "data": DataStateHandler()})
+                                 item_handlers=_item_handlers())
+
+
+def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
+    return {"state": ocp.StandardCheckpointHandler(), "data": DataStateHandler(),
+            CHECKSUMS: ocp.JsonCheckpointHandler()}
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: PyTree, data_iterator: Any) -> None:
-    """Starts an asynchronous save of step `step` (returns once the arrays are copied)."""
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            data=DataStateSave(data_iterator)))
+    """Starts an asynchronous save of step `step` with the checksums of `state` (returns once
+    the arrays are copied); CheckpointError if this or the previous save failed."""
+    sums = checksums.compute(state)
+    try:
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                data=DataStateSave(data_iterator),
+                                                **{CHECKSUMS: ocp.args.JsonSave(sums)}))
+    except Exception as err:    # the previous asynchronous save's error surfaces here too
+        raise CheckpointError(_save_failed(mngr, step, err)) from None
+
+
+def check(mngr: ocp.CheckpointManager) -> None:
+    """CheckpointError if an asynchronous save has failed (cheap: call it every step)."""
+    try:
+        mngr.check_for_errors()
+    except Exception as err:
+        raise CheckpointError(_save_failed(mngr, None, err)) from None
+
+
+def wait(mngr: ocp.CheckpointManager, raise_error: bool = True) -> None:
+    """Waits for an in-flight save; CheckpointError if it failed (logged instead, without
+    `raise_error`, when another error is already on its way)."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as err:
+        if raise_error:
+            raise CheckpointError(_save_failed(mngr, None, err)) from None
+        logging.error("%s", _save_failed(mngr, None, err))
+
+
+def _save_failed(mngr: ocp.CheckpointManager, step: int | None, err: Exception) -> str:
+    try:
+        mngr.reload()
+        intact = f"the checkpoints of steps {list(mngr.all_steps())} are intact"
+    except Exception:   # the directory may be unreadable too
+        intact = "the earlier checkpoints were not touched"
+    when = f" (the run stopped at step {step})" if step is not None else ""
+    return (f"saving a checkpoint in {mngr.directory} failed{when}: {_cause(err)}; "
+            f"{intact}, and a torn save keeps its temporary name. Free space or fix access, "
+            "then rerun the same command to resume.")
+
+
+def _cause(err: BaseException) -> str:
+    """The message of the error that `err` was raised from (`raise ... from`), on one line."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 320 else f"{text[:150]} ... {text[-150:]}"   # the OS error is last
 
 
 def abstract_with_shardings(abstract_state: PyTree, shardings: PyTree) -> PyTree:
@@ -110,33 +180,124 @@ def abstract_with_shardings(abstract_state: PyTree, shardings: PyTree) -> PyTree
 
 def restore(mngr: ocp.CheckpointManager, abstract_state: PyTree, step: int | None = None
             ) -> tuple[PyTree, Any] | None:
-    """(state, data state or None) of the latest (or given) step, or None if there is none.
+    """(state, data state or None) of the latest usable (or the given) step, or None if there is
+    no checkpoint. A checkpoint that cannot be read or fails its checksums is moved aside and the
+    next older one is tried; CheckpointError when none is usable.
 
     `abstract_state` is a pytree of ShapeDtypeStructs with shardings (`abstract_with_shardings`).
     """
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        return None
-    logging.info("Restoring checkpoint of step %d from %s", step, mngr.directory)
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore()))
-    return restored["state"], restored["data"]
+    steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+    unusable = []
+    for s in steps:
+        logging.info("Restoring checkpoint of step %d from %s", s, mngr.directory)
+        items = {"state": ocp.args.StandardRestore(abstract_state), "data": DataStateRestore()}
+        restored, error = _agreed(lambda s=s, items=items: _restore_verified(mngr, s, items))
+        if error is None:
+            return restored["state"], restored["data"]
+        moved = _move_aside(mngr, s)
+        logging.error("The checkpoint of step %d is unusable (%s): moved to %s%s", s, error, moved,
+                      "; trying the previous one" if s != steps[-1] else "")
+        unusable.append(f"{s} ({error})")
+    if unusable:
+        raise CheckpointError(f"no usable checkpoint in {mngr.directory}: step "
+                              f"{'; step '.join(unusable)}. They were moved aside, not deleted; "
+                              "rerun to start from step 0, or move one back to resume from it.")
+    return None
+
+
+def _restore_verified(mngr: ocp.CheckpointManager, step: int, items: dict[str, Any]
+                      ) -> dict[str, Any]:
+    """Restores the `items` of `step` and checks its state against the checksums saved with it;
+    raises on any fault."""
+    verified = (epath.Path(mngr.directory) / str(step) / CHECKSUMS).exists()
+    if verified:
+        items = {**items, CHECKSUMS: ocp.args.JsonRestore()}
+    with _quiet_abandoned_reads():
+        restored = mngr.restore(step, args=ocp.args.Composite(**items))
+    _verify(restored, step, verified)
+    return restored
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads() -> Iterator[None]:
+    """When one read of a restore fails, orbax abandons the others; Python prints each one's
+    error as it collects them ('Exception ignored in: <coroutine ...>', dozens, all repeating the
+    error `restore` reports in one line). Those are dropped; any other unraisable error is not."""
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: None if inspect.iscoroutine(u.object) else hook(u)
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = hook
+
+
+def _verify(restored: Any, step: int, verified: bool) -> None:
+    if not verified:
+        logging.warning("The checkpoint of step %d has no checksums (an earlier version wrote "
+                        "it): restored unverified.", step)
+        return
+    wrong = checksums.mismatches(restored[CHECKSUMS], restored["state"])
+    if wrong:
+        more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        raise ValueError(f"checksums differ for {', '.join(wrong[:3])}{more}: the files changed "
+                         "after they were written")
+
+
+def _agreed(fn) -> tuple[Any, str | None]:
+    """(fn(), None), or (None, the cause) if it failed in this or any other process."""
+    try:
+        result, error = fn(), None
+    except Exception as err:    # any fault makes the checkpoint unusable
+        result, error = None, _cause(err)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        failed = multihost_utils.process_allgather(np.int32(error is not None))
+        if error is None and np.any(failed):
+            result, error = None, "unreadable in another process"
+    return result, error
+
+
+def _move_aside(mngr: ocp.CheckpointManager, step: int) -> str:
+    """Renames checkpoint `step` to `unusable-STEP-TIME` (process 0) and rescans the steps."""
+    src = epath.Path(mngr.directory) / str(step)
+    dst = src.parent / f"unusable-{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+    if jax.process_index() == 0 and src.exists():
+        src.rename(dst)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"moved checkpoint {step} aside")
+    mngr.reload()
+    return str(dst)
 
 
 def restore_params(workdir: str, use_ema: bool = True, step: int | None = None) -> PyTree:
-    """UNet params (the EMA copy by default) of the latest (or given) checkpoint in `workdir`,
-    as host-local arrays, e.g. for sampling in a notebook."""
+    """UNet params (the EMA copy by default) of the latest (or given) checkpoint in `workdir`
+    that reads and passes its checksums, as host-local arrays, e.g. for sampling in a notebook.
+    Older checkpoints are tried in turn with a warning; a reader moves nothing."""
     path = checkpoint_dir(workdir)
-    mngr = ocp.CheckpointManager(path, item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                                      "data": DataStateHandler()})
-    step = mngr.latest_step() if step is None else step
-    if step is None:
+    mngr = ocp.CheckpointManager(path, item_handlers=_item_handlers())
+    steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
         raise FileNotFoundError(f"No checkpoint in {path}")
-    # Read every array whole onto one local device, whatever mesh wrote it.
+    errors = []
+    try:
+        for s in steps:
+            try:
+                return _read_whole(mngr, s)["ema_params" if use_ema else "params"]
+            except Exception as err:    # any fault: try the next older one
+                errors.append(f"step {s} ({_cause(err)})")
+                logging.warning("The checkpoint of step %d in %s is unusable: %s", s, path,
+                                errors[-1])
+    finally:
+        mngr.close()
+    raise CheckpointError(f"no usable checkpoint in {path}: {'; '.join(errors)}")
+
+
+def _read_whole(mngr: ocp.CheckpointManager, step: int) -> dict[str, PyTree]:
+    """The state of `step` as a dict of host-local arrays, verified, whatever mesh wrote it."""
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     metadata = mngr.item_metadata(step)["state"]
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           metadata)
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    mngr.close()
-    return restored["state"]["ema_params" if use_ema else "params"]
+    return _restore_verified(mngr, step, {"state": ocp.args.StandardRestore(target)})["state"]

@@ -70,7 +70,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     watcher = PreemptionWatcher()
     bar = tqdm(total=total, initial=start, desc="train", unit="step",
                disable=jax.process_index() != 0, dynamic_ncols=True)
-    results, preempted = None, False
+    results, preempted, completed = None, False, False
     pending = None                     # (step, metrics) not yet checked for NaN/Inf
     last_saved = run.checkpoints.latest_step()
     batch = run.first_batch
@@ -81,6 +81,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if pending is not None:
                 check_finite(*pending, last_saved)
             pending = (step, metrics)
+            checkpointing.check(run.checkpoints)   # a failed background save stops the run now
             run.meter.tick()
             bar.update(1)
             preempted = watcher.reached(step)
@@ -109,11 +110,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 batch = sharding_lib.global_batch(next(run.train_iter), run.mesh)
         if pending is not None:
             check_finite(*pending, last_saved)
+        completed = True
     finally:
         bar.close()
         watcher.close()
         run.train_iter.close()                 # stops the input pipeline's worker processes
-        run.checkpoints.wait_until_finished()  # an in-flight save completes, even on failure
+        # An in-flight save completes, even on failure; its own error then yields to the first.
+        checkpointing.wait(run.checkpoints, raise_error=completed)
     final = {"preempted": True, "step": int(run.state.step)} if preempted else \
         finish(run, writer, workdir, results)
     writer.close()
