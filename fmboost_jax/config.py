@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,15 +40,64 @@ class ConfigError(ValueError):
         self.field = field
 
 
+DEBUG_VARIABLE = "FMBOOST_DEBUG"   # set to 1: user errors raise with their traceback
+
+
 @contextlib.contextmanager
 def user_errors_in_one_line(*more: type[Exception]) -> Iterator[None]:
     """For command lines: a ConfigError, a missing file or one of `more` (the user's input, not
-    a bug) ends the command with one line on stderr and status 2 instead of a traceback."""
+    a bug) ends the command with one line on stderr and status 2 instead of a traceback
+    (`FMBOOST_DEBUG=1` shows the traceback)."""
     try:
         yield
     except (ConfigError, FileNotFoundError, *more) as err:
+        if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+            raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def run_app(main: Any) -> None:
+    """`absl.app.run(main)` for the commands with a `--config` flag: a config file whose code
+    fails while the flags are parsed (a syntax error, an exception in `get_config`) ends with
+    one line naming the file and line, status 2; errors once `main` runs are left alone."""
+    from absl import app
+    started = []
+
+    def started_main(argv):
+        started.append(True)
+        return main(argv)
+
+    try:
+        app.run(started_main)
+    except Exception as err:
+        if started or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+            raise
+        frame = (traceback.extract_tb(err.__traceback__) or [None])[-1]
+        where = (f"{err.filename}, line {err.lineno}" if isinstance(err, SyntaxError) else
+                 f"{frame.filename}, line {frame.lineno}" if frame else "")
+        print(f"error: the config could not be loaded ({where}): {type(err).__name__}: "
+              f"{' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
+def config_from_flag(holder: Any) -> ml_collections.ConfigDict:
+    """The value of an ml_collections `--config` flag; a file that does not load is a
+    FileNotFoundError or ConfigError naming it, in one line."""
+    from absl import flags
+    from ml_collections import config_flags
+    try:
+        config = holder.value
+        config.keys()       # a config that failed to load raises on first use
+        return config
+    except OSError as err:
+        name = config_flags.get_config_filename(flags.FLAGS[holder.name])
+        detail = (str(err).strip().splitlines() or [""])[-1].strip()
+        raise FileNotFoundError(f"--config={name} cannot be loaded: {detail}") from None
+    except Exception as err:    # the config file's own code failed
+        name = config_flags.get_config_filename(flags.FLAGS[holder.name])
+        raise ConfigError("file", f"--config={name} failed: {type(err).__name__}: "
+                          f"{' '.join(str(err).split())}") from None
 
 
 def dtype(name: str) -> Any:

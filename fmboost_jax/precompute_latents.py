@@ -10,7 +10,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fmboost_jax.config import user_errors_in_one_line
+from fmboost_jax.config import config_from_flag, run_app, user_errors_in_one_line
 from fmboost_jax.data.precompute import CHUNK_BATCHES
 from fmboost_jax.parallel import distributed
 
@@ -33,13 +33,13 @@ def main(argv):
     distributed.initialize(_DISTRIBUTED.value)
     from fmboost_jax.data.precompute import precompute  # after the processes are connected
     with user_errors_in_one_line():
-        precompute(_CONFIG.value, os.path.expanduser(_WORKDIR.value), _SPLIT.value,
+        precompute(config_from_flag(_CONFIG), os.path.expanduser(_WORKDIR.value), _SPLIT.value,
                    _BATCH.value, _CHUNK.value, _STORE_IMAGES.value)
 
 
 def run() -> None:
     """Console script `fmboost-precompute`."""
-    app.run(main)
+    run_app(main)
 
 
 if __name__ == "__main__":

@@ -152,6 +152,29 @@ def test_the_command_line_reports_a_bad_override_in_one_line_without_a_traceback
     assert not (tmp_path / "run").exists()
 
 
+CONFIG_FILES = {  # a config file -> what the one line must say
+    "missing.py": "--config=missing.py cannot be loaded: [Errno 2] No such file or directory",
+    "syntax.py": "syntax.py, line 1): SyntaxError: invalid syntax",
+    "raises.py": "raises.py, line 2): KeyError: 'no such preset'",
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_FILES))
+def test_a_config_file_that_does_not_load_is_named_in_one_line(tmp_path, name):
+    (tmp_path / "syntax.py").write_text("def get_config(:\n")
+    (tmp_path / "raises.py").write_text("def get_config():\n    raise KeyError('no such preset')\n")
+    cmd = [sys.executable, "-m", "fmboost_jax.train", f"--config={name}",
+           f"--workdir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert CONFIG_FILES[name] in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+    debug = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, FMBOOST_DEBUG="1"))
+    assert "Traceback" in debug.stderr                 # the switch that shows it
+
+
 def test_the_local_launcher_explains_its_usage():
     proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "run_local.sh")],
                           capture_output=True, text=True)

@@ -20,6 +20,7 @@ import sys
 from absl import app, flags
 
 from fmboost_jax import paths
+from fmboost_jax.config import run_app
 from fmboost_jax.data import builders
 
 _DATASET = flags.DEFINE_enum("dataset", None, sorted(builders.BUILDERS), "Which dataset to build.")
@@ -54,7 +55,7 @@ def main(argv):
 
 def run() -> None:
     """Console script `fmboost-prepare`."""
-    app.run(main)
+    run_app(main)
 
 
 if __name__ == "__main__":

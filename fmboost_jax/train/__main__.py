@@ -12,7 +12,7 @@ import logging as pylogging
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fmboost_jax.config import user_errors_in_one_line
+from fmboost_jax.config import config_from_flag, run_app, user_errors_in_one_line
 from fmboost_jax.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.", lock_config=True)
@@ -70,12 +70,12 @@ def main(argv):
     from fmboost_jax.train.checkpointing import CheckpointError  # after the processes connect
     from fmboost_jax.train.loop import train_and_evaluate
     with user_errors_in_one_line(CheckpointError):
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        train_and_evaluate(config_from_flag(_CONFIG), _WORKDIR.value)
 
 
 def run() -> None:
     """Console script `fmboost-train`."""
-    app.run(main)
+    run_app(main)
 
 
 if __name__ == "__main__":
