@@ -109,6 +109,7 @@ def dtype(name: str) -> Any:
 
 def _data() -> ml_collections.ConfigDict:
     """`config.data`: LHQ as a prepared TFDS dataset, and how it is read."""
+    from fmboost_jax.data.images import MAX_PIXELS
     return ml_collections.ConfigDict(dict(
         name="tfds",                   # tfds | folder | latents | skimage_photos
         path="~/tensorflow_datasets",  # TFDS data_dir, image folder or latent records dir
@@ -119,6 +120,7 @@ def _data() -> ml_collections.ConfigDict:
         crop="resize",                 # "resize": shorter side to high_res_size, random crop;
                                        # "native": random crop at the file's resolution
         min_size=-1,                   # skip images whose shorter side is below (-1: high-res size)
+        max_pixels=MAX_PIXELS,         # skip images with more pixels (checked before decoding)
         latent_sample="mode",          # latent records: posterior "mode" or a "sample"
         worker_count=0,                # decoding processes (0: threads of this process)
         read_threads=8, prefetch=64,   # grain read threads and prefetched examples

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None,
                    help="compute dtype (default: the model's config)")
     p.add_argument("--compare", action="store_true", help="also write NAME_compare.png")
+    p.add_argument("--max_pixels", type=int, default=images_lib.MAX_PIXELS,
+                   help="skip images with more pixels (checked before decoding)")
     p.add_argument("--ground_truth", action="store_true",
                    help="inputs are high-res ground truth: down-sample, boost, compare and score")
     return p
@@ -88,7 +90,7 @@ def comparison(panels: dict[str, np.ndarray]) -> np.ndarray:
     return np.asarray(row)
 
 
-def _batches(files: Sequence[str], batch_size: int, skipped: list[str]
+def _batches(files: Sequence[str], batch_size: int, skipped: list[str], max_pixels: int
              ) -> Iterator[tuple[list[str], np.ndarray]]:
     """Decoded images in batches of equal size (consecutive files); bad files are skipped."""
     names: list[str] = []
@@ -96,7 +98,7 @@ def _batches(files: Sequence[str], batch_size: int, skipped: list[str]
     for path in files:
         try:
             with open(path, "rb") as f:
-                img = images_lib.to_float(images_lib.decode_rgb(f.read(), path))
+                img = images_lib.to_float(images_lib.decode_rgb(f.read(), path, max_pixels))
         except (OSError, images_lib.BadImage) as err:
             skipped.append(str(err))
             continue
@@ -160,13 +162,16 @@ def run(args: argparse.Namespace) -> dict[str, int]:
     if args.input.endswith(LATENT_SUFFIXES):
         return boost_latents(args)
     files, root = _inputs(args.input, args.output)            # bad inputs: before any work
+    if root is None:
+        with open(files[0], "rb") as f:
+            images_lib.decode_rgb(f.read(), args.input, args.max_pixels)   # BadImage: one line
     todo = [f for f in files if not os.path.exists(output_path(f, root, args.output))]
     model = load_model(args)
     skipped: list[str] = []
     written, start = 0, time.perf_counter()
     bar = tqdm(total=len(todo), desc="upsample", unit="img", dynamic_ncols=True)
     scores = Scores()
-    for i, (names, lowres) in enumerate(_batches(todo, args.batch_size, skipped)):
+    for i, (names, lowres) in enumerate(_batches(todo, args.batch_size, skipped, args.max_pixels)):
         try:
             truth, lowres = _ground_truth(model, lowres) if args.ground_truth else (None, lowres)
             h, w = model.output_size(lowres.shape[1], lowres.shape[2])
@@ -293,7 +298,7 @@ def boost_latents(args: argparse.Namespace) -> dict[str, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with user_errors_in_one_line(ValueError):
+    with user_errors_in_one_line(ValueError):   # BadImage and memory.TooLarge included
         run(args)
     return 0
 

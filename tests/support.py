@@ -20,3 +20,16 @@ def tiny_pixel_config():
 def config(spec: str):
     """A config of `configs/` by name, e.g. `config("lhq:smoke")`."""
     return load_config(spec)
+
+
+def decompression_bomb(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height 8-bit gray pixels, with a few bytes of data: what
+    a decompression bomb looks like to a decoder before it decodes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))

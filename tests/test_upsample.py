@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import skimage.data
 from PIL import Image
-from support import ROOT
+from support import ROOT, decompression_bomb
 
 from fmboost_jax import upsample
 
@@ -76,7 +76,14 @@ def test_bad_arguments_end_in_one_line_with_status_2(tiny_workdir, inputs, tmp_p
          "does not exist"),
         (["--model", tiny_workdir, "--input", str(tmp_path / "missing.png")],
          "--input '.*missing.png' does not exist"),
+        (["--model", tiny_workdir, "--input", str(inputs / "broken.png")],
+         "broken.png: not a readable image"),
+        (["--model", tiny_workdir, "--input", str(tmp_path / "bomb.png")],
+         r"bomb.png: 100000x100000 = 10,000,000,000 pixels is above the limit"),
+        (["--model", tiny_workdir, "--input", str(inputs / "camera.png"), "--max_pixels", "255"],
+         r"16x16 = 256 pixels is above the limit of 255 \(data.max_pixels / --max_pixels"),
     ]
+    (tmp_path / "bomb.png").write_bytes(decompression_bomb(100_000, 100_000))
     for args, message in cases:
         proc = subprocess.run([sys.executable, "-m", "fmboost_jax.upsample", *args,
                                "--output", str(tmp_path / "x.png")],
@@ -128,3 +135,14 @@ def test_latents_of_a_diffusion_model_in_npy_and_a_cascade_of_two_models(smoke_p
                           "--compare"]) == 0
     assert Image.open(tmp_path / "big.png").size == (64, 64)                  # 2x, then 2x
     assert Image.open(tmp_path / "big_compare.png").size == (128, 64)
+
+
+def test_latent_files_are_read_without_pickle(tmp_path):
+    objects = np.array([{"latents": 1}, "z"], dtype=object)        # needs pickle to load
+    np.save(tmp_path / "objects.npy", objects, allow_pickle=True)
+    with pytest.raises(ValueError, match="objects.npy' is not a numeric .npy array"):
+        upsample.read_latents(str(tmp_path / "objects.npy"), 4)
+    z = np.zeros((2, 4, 8, 8), np.float32)                          # NCHW, as PyTorch gives it
+    np.save(tmp_path / "z.npy", z)
+    assert upsample.read_latents(str(tmp_path / "z.npy"), 4).shape == (2, 8, 8, 4)
+

@@ -12,7 +12,7 @@ Outputs are float32 in [-1, 1].
 from __future__ import annotations
 
 import io
-import warnings
+import threading
 from typing import Any
 
 import numpy as np
@@ -25,14 +25,35 @@ class BadImage(ValueError):
     """An input that is not a usable image; the message names the file and the reason."""
 
 
-def decode_rgb(data: bytes, path: str = "<bytes>") -> np.ndarray:
-    """Encoded image -> uint8 (H, W, 3), EXIF orientation applied."""
+MAX_PIXELS = 1 << 27   # 134M pixels (11585²): the default of `data.max_pixels`, `--max_pixels`
+_PIL_LIMIT = threading.Lock()
+
+
+def _open(data: bytes, path: str, max_pixels: int) -> Image.Image:
+    """PIL's image of `data`, refused above `max_pixels` before it is decoded (PIL's own limit,
+    a process-wide global, is replaced by this one)."""
+    with _PIL_LIMIT:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            img = Image.open(io.BytesIO(data))     # reads the header only
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    w, h = img.size
+    if w * h > max_pixels:
+        raise BadImage(f"{path}: {w}x{h} = {w * h:,} pixels is above the limit of "
+                       f"{max_pixels:,} (data.max_pixels / --max_pixels raise it)")
+    return img
+
+
+def decode_rgb(data: bytes, path: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Encoded image -> uint8 (H, W, 3), EXIF orientation applied; BadImage above
+    `max_pixels` pixels (before decoding: no decompression bomb)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            img.load()                      # a truncated file fails here
-            img = ImageOps.exif_transpose(img)
+        img = _open(data, path, max_pixels)
+        img.load()                          # a truncated file fails here
+        img = ImageOps.exif_transpose(img)
+    except BadImage:
+        raise
     except UnidentifiedImageError:
         raise BadImage(f"{path}: not a readable image (unknown or corrupt format)") from None
     except Exception as err:               # PIL raises many types for bad files

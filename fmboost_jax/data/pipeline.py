@@ -44,11 +44,12 @@ class DecodeRandomCrop(grain.transforms.RandomMap):
     flip: bool = True
     min_size: int = 0
     resize: bool = True        # shorter side to `size` first (False: native-resolution crops)
+    max_pixels: int = images_lib.MAX_PIXELS
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator):
         path = element["path"]
         try:
-            img = images_lib.decode_rgb(element["bytes"], path)
+            img = images_lib.decode_rgb(element["bytes"], path, self.max_pixels)
             return {"image": images_lib.random_crop_uint8(img, self.size, rng, self.flip, path,
                                                           self.min_size, self.resize)}
         except images_lib.BadImage as err:
@@ -159,7 +160,7 @@ def train_examples(config: Any, process_index: int = 0, process_count: int = 1,
     else:
         ds = grain.MapDataset.source(image_source(config, train=True))
         transform = DecodeRandomCrop(config.high_res_size, d.flip, min_size(config),
-                                     resize=d.crop == "resize")
+                                     resize=d.crop == "resize", max_pixels=d.max_pixels)
     ds = process_shard(ds, process_index, process_count)
     return ds.seed(config.seed + seed_offset).shuffle().repeat(None).random_map(transform)
 
@@ -275,8 +276,8 @@ def eval_images(config: Any) -> np.ndarray:
             break
         ex = src[i]
         try:
-            out.append(images_lib.center_crop(images_lib.decode_rgb(ex["bytes"], ex["path"]), size,
-                                              ex["path"], min_size(config)))
+            img = images_lib.decode_rgb(ex["bytes"], ex["path"], d.max_pixels)
+            out.append(images_lib.center_crop(img, size, ex["path"], min_size(config)))
         except images_lib.BadImage as err:
             _skipped(str(err))
     if not out:
@@ -350,6 +351,7 @@ def check_config(config: Any) -> None:
     check_one_of(config, "data.latent_sample", ("mode", "sample"))
     for field in ("worker_count", "read_threads", "prefetch", "num_eval_images", "eval_crop_size"):
         check_range(config, f"data.{field}", 0)
+    check_range(config, "data.max_pixels", 1)
 
 
 def check_data(config: Any, probe: int = 32) -> None:
@@ -390,7 +392,7 @@ def check_data(config: Any, probe: int = 32) -> None:
     for i in range(min(probe, len(src))):
         ex = src[i]
         try:
-            img = images_lib.decode_rgb(ex["bytes"], ex["path"])
+            img = images_lib.decode_rgb(ex["bytes"], ex["path"], d.max_pixels)
             images_lib.center_crop(img, config.high_res_size, ex["path"], min_size(config))
             return
         except images_lib.BadImage as err:

@@ -91,10 +91,11 @@ class LoadCenterCrop(grain.transforms.Map):
     """{"bytes", "path"} -> {"image": uint8 (S, S, 3), "name", "ok"}; a bad file gives ok=False
     (logged with its path) and a black image that is not written."""
     size: int
+    max_pixels: int = images_lib.MAX_PIXELS
 
     def map(self, ex: dict[str, Any]) -> dict[str, Any]:
         try:
-            img = images_lib.decode_rgb(ex["bytes"], ex["path"])
+            img = images_lib.decode_rgb(ex["bytes"], ex["path"], self.max_pixels)
             crop = images_lib.center_crop(img, self.size, ex["path"], min_size=self.size)
             return {"image": images_lib.to_uint8(crop),
                     "name": ex["path"], "ok": True}
@@ -256,7 +257,7 @@ def precompute(config, workdir: str, split: str = "train", batch_size: int = 0,
     encode = make_encode_fn(cfm, mesh)
     size = config.high_res_size
     # This process's shard, decoded by threads ahead of the encoder.
-    mine = grain.MapDataset.source(src)[pid::nproc].map(LoadCenterCrop(size))
+    mine = grain.MapDataset.source(src)[pid::nproc].map(LoadCenterCrop(size, config.data.max_pixels))
     read = grain.ReadOptions(num_threads=max(1, config.data.read_threads),
                              prefetch_buffer_size=max(config.data.prefetch, 2 * per_process))
     shard = Shard(mine, per_process, info["images_per_chunk"], -(-len(src) // nproc), read, size)

@@ -6,8 +6,10 @@
 
 `load_upsampler` reads a training workdir (its `config.json` and the EMA params of the latest
 checkpoint) or a directory of converted params with a config, and loads the first stage's
-weights (`vae=` overrides the config's path). Calls are jitted once per option set and input
-shape, split the batch over the local devices, and take any input size the network can take.
+weights (`vae=` overrides the config's path). Calls are compiled once per option set and input
+shape, split the batch over the local devices, and take any input size the network can take; a
+boost whose compiled program needs more memory than the devices have free is refused before it
+runs (`memory.TooLarge`, naming the batch size that fits).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from fmboost_jax import paths
 from fmboost_jax.cfm import sampling
 from fmboost_jax.cfm.model import CFM
 from fmboost_jax.cfm.upsampling import resize
+from fmboost_jax.inference import memory
 
 PyTree = Any
 CONFIG_FILE = "config.json"
@@ -39,6 +42,7 @@ class Upsampler:
     params: PyTree
     fs_params: PyTree
     config: ml_collections.ConfigDict
+    memory_limit: int | None = None    # bytes per device a boost may use (None: what is free)
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -70,12 +74,17 @@ class Upsampler:
 
     def _run(self, x: jax.Array, rng: jax.Array | None, latents: bool,
              options: dict[str, Any]) -> sampling.SampleOutput:
-        """The jitted sampler of (`latents`, `options`) on `x`, split over the local devices."""
-        key = (latents, *sorted(options.items()))
-        if key not in self._compiled:
-            self._compiled[key] = sampling.make_sample_fn(self.cfm, latents=latents, **options)
+        """The sampler of (`latents`, `options`) compiled for `x`'s shape, checked to fit the
+        devices' memory (`memory.TooLarge` otherwise) and run split over the local devices."""
         rng = jax.random.PRNGKey(0) if rng is None else rng
         n, x = x.shape[0], _split_over_local_devices(x)
+        key = (latents, *sorted(options.items()), x.shape)
+        if key not in self._compiled:
+            fn = sampling.make_sample_fn(self.cfm, latents=latents, **options)
+            compiled = fn.lower(self.params, self.fs_params, x, rng).compile()
+            devices = jax.local_device_count()
+            memory.check_fits(compiled, x.shape[0] // devices, devices, self.memory_limit)
+            self._compiled[key] = compiled
         out = self._compiled[key](self.params, self.fs_params, x, rng)
         rows = lambda a: None if a is None else a[:n]           # drop the padding rows
         return out._replace(images=rows(out.images), latents=rows(out.latents),

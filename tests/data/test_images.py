@@ -41,3 +41,21 @@ def test_native_crops_are_exact_windows_and_resized_crops_see_the_whole_photo():
     assert small.shape == (64, 64, 3)
     with pytest.raises(images_lib.BadImage, match="smaller than the minimum side 100"):
         images_lib.random_crop(img[:90], 64, rng, True, "x.png", min_size=100, resize=False)
+
+
+def test_images_above_the_pixel_limit_are_refused_before_they_are_decoded():
+    import io
+
+    from PIL import Image
+    from support import decompression_bomb
+    bomb = decompression_bomb(200_000, 200_000)                 # 40 gigapixels, 100 bytes
+    with pytest.raises(images_lib.BadImage, match=r"bomb.png: 200000x200000 = 40,000,000,000 "
+                                                  r"pixels is above the limit of 134,217,728"):
+        images_lib.decode_rgb(bomb, "bomb.png")
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.camera()[:20, :30]).save(buf, format="PNG")
+    assert images_lib.decode_rgb(buf.getvalue(), "small.png", max_pixels=600).shape == (20, 30, 3)
+    with pytest.raises(images_lib.BadImage, match="30x20 = 600 pixels is above the limit of 599"):
+        images_lib.decode_rgb(buf.getvalue(), "small.png", max_pixels=599)
+    # PIL's own process-wide limit is left as it was.
+    assert Image.MAX_IMAGE_PIXELS == 89478485

@@ -32,6 +32,21 @@ def test_the_same_options_and_shape_compile_once(tiny_workdir):
     assert len(up._compiled) == 2
 
 
+def test_a_boost_too_large_for_the_memory_is_refused_before_it_runs_naming_what_fits(tiny_workdir):
+    from fmboost_jax.inference import memory
+    up = load_upsampler(tiny_workdir)
+    x = photos.eval_crops(("coffee",), 8, 16)
+    up(x[:4], solver="euler", num_steps=1)
+    four = memory.required_bytes(next(iter(up._compiled.values())))
+    up.memory_limit = int(2 * four / memory.HEADROOM)          # room for about 8 images
+    with pytest.raises(memory.TooLarge, match=r"needs about .* MiB per device .*\(16 images.*; "
+                                              r"a batch of at most [5-9] fits"):
+        up(x, solver="euler", num_steps=1)
+    assert len(up._compiled) == 1                               # the refused program is dropped
+    up.memory_limit = None                                      # what this machine has
+    assert up(x, solver="euler", num_steps=1).images.shape == (16, 32, 32, 3)
+
+
 def test_bad_models_and_inputs_are_named(tiny_workdir, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_upsampler(str(tmp_path / "nowhere"))
