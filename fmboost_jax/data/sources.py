@@ -85,10 +85,22 @@ class TfdsSource:
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        ex = self.source[index]
+        ex = read_shard(self.source, index, self.description)
         name = ex.get("name", b"")
         return {"bytes": ex["image"],
                 "path": f"{self.description}#{index}:{name.decode() if isinstance(name, bytes) else name}"}
+
+
+def read_shard(source: Any, index: int, where: str) -> Any:
+    """`source[index]` of an array-record source; a shard file that went missing or became
+    unreadable during the run is a FileNotFoundError naming it (array_record's RuntimeError
+    names the file it failed on)."""
+    try:
+        return source[index]
+    except RuntimeError as err:
+        raise FileNotFoundError(f"config.data.path: reading example {index} of {where} failed "
+                                f"mid-run ({' '.join(str(err).split())}): restore the file, "
+                                "then rerun to resume from the last checkpoint") from None
 
 
 # ------------------------------------------------------------------------ latent records
@@ -150,11 +162,11 @@ class LatentRecordSource:
 
     def __init__(self, folder: str):
         import grain
-        self.files = latent_files(folder)
+        self.folder, self.files = folder, latent_files(folder)
         self.source = grain.sources.ArrayRecordDataSource(self.files)
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return decode_latent_record(self.source[index])
+        return decode_latent_record(read_shard(self.source, index, self.folder))

@@ -122,3 +122,4 @@ def test_a_resumed_run_on_folder_data_matches_an_uninterrupted_one(photo_folder,
 
     for a, b in zip(jax.tree.leaves(params(tmp_path / "full")), jax.tree.leaves(params(tmp_path / "part"))):
         np.testing.assert_array_equal(a, b)
+

@@ -38,3 +38,20 @@ def test_latent_records_round_trip_and_report_unfinished_runs(tmp_path):
     (tmp_path / "done-p000000-of-000002.json").write_text("{}")
     assert "incomplete (1 of 2 processes finished)" in \
         sources.latent_records_incomplete(str(tmp_path))
+
+
+def test_a_shard_that_goes_missing_mid_run_is_named(tmp_path):
+    z = np.zeros((2, 2, 4), np.float32)
+    for shard in range(2):
+        writer = ArrayRecordWriter(str(tmp_path / f"latents-p000000-of-000001-c{shard:05d}"
+                                                  ".array_record"), "group_size:1")
+        writer.write(sources.encode_latent_record({"mean": z, "logvar": z}))
+        writer.close()
+    src = sources.LatentRecordSource(str(tmp_path))
+    assert src[0]["mean"].shape == (2, 2, 4)              # the run is under way
+    gone = tmp_path / "latents-p000000-of-000001-c00001.array_record"
+    gone.unlink()                                          # e.g. a bucket's object deleted
+    with pytest.raises(FileNotFoundError, match=rf"config.data.path: reading example 1 of "
+                                                rf"{tmp_path} failed mid-run .*{gone.name}.*rerun"):
+        src[1]
+
