@@ -3,6 +3,7 @@ UNet's velocity, every key maps to one param, the command writes an Orbax checkp
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import textwrap
@@ -103,7 +104,17 @@ CONFIG_FILE = """
 """
 
 
-def test_the_cli_writes_an_orbax_checkpoint_of_the_converted_params(
+class TouchesAFile:
+    """Unpickling it would call `Path(marker).touch()`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_the_cli_converts_a_lightning_checkpoint_as_it_is_without_running_its_code(
         tmp_path: Path, base_state_dict: dict[str, np.ndarray], base_shapes: dict[str, Any],
         capsys: pytest.CaptureFixture[str]) -> None:
     config_path = tmp_path / "tiny.py"
@@ -111,13 +122,17 @@ def test_the_cli_writes_an_orbax_checkpoint_of_the_converted_params(
     ema = {k: v + 0.5 for k, v in base_state_dict.items()}
     ckpt = training_checkpoint(base_state_dict, ema)
     ckpt["state_dict"] = {k: torch.from_numpy(np.asarray(v)) for k, v in ckpt["state_dict"].items()}
+    # What Lightning adds: hyper-parameters as objects of the training code, callback states.
+    ckpt |= {"hyper_parameters": argparse.Namespace(lr=1e-4, unet=dict(SMALL)),
+             "callbacks": {"ModelCheckpoint": {"dirpath": Path("/ckpts")}},
+             "loops": TouchesAFile(tmp_path / "code_ran")}
     torch.save(ckpt, tmp_path / "last.ckpt")
     dst = tmp_path / "unet_params"
 
     code = convert_cli.main(["unet", "--src", str(tmp_path / "last.ckpt"), "--dst", str(dst),
                          "--config", str(config_path), "--which", "model"])
 
-    assert code == 0
+    assert code == 0 and not (tmp_path / "code_ran").exists()
     expected = convert.params_from_torch(base_state_dict, base_shapes, convert.unet_layout)
     assert f"{count_params(expected):,}" in capsys.readouterr().out
     restored = ocp.StandardCheckpointer().restore(os.path.abspath(dst))
