@@ -1,5 +1,5 @@
-"""notebooks/boost.ipynb runs top to bottom (nbclient), with tiny parameters: it trains the demo's
-smoke variant in the kernel, boosts held-out photos, sweeps two solvers and draws the path."""
+"""notebooks/boost.ipynb runs top to bottom (nbclient), with tiny parameters: it trains a tiny
+config in the kernel, boosts held-out photos, sweeps two solvers and draws the path."""
 
 import os
 
@@ -35,15 +35,17 @@ def test_notebook_runs_with_tiny_parameters(tmp_path, monkeypatch):
         nb = nbformat.read(f, as_version=4)
     assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), \
         "commit the notebook without outputs"
-    nb = with_parameters(nb, DEMO_CONFIG="demo:smoke", DEMO_WORKDIR=str(tmp_path / "demo"),
-                         HELD_OUT=("camera", "coins"), CROP=32, NUM_STEPS=(1, 2), PATH_STATES=2)
+    # The tests' tiny pixel config (6 steps; its programs are in the compilation cache).
+    nb = with_parameters(nb, DEMO_CONFIG="tests/tiny_config.py:flat",
+                         DEMO_WORKDIR=str(tmp_path / "demo"), HELD_OUT=("camera", "coins"),
+                         CROP=32, NUM_STEPS=(1,), PATH_STATES=1)
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, "tests", ".jax_cache"))
     client = NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": ROOT}})
     client.execute()                                  # a failing cell raises CellExecutionError
     text, images = outputs(nb)
     assert "(2, 8, 8, 3) -> (2, 32, 32, 3)" in text
-    for solver, nfe in (("euler", 2), ("heun", 4)):
-        assert f"{solver:>8}   2 steps: NFE {nfe:3d}" in text
+    for solver, nfe in (("euler", 1), ("heun", 2)):
+        assert f"{solver:>8}   1 steps: NFE {nfe:3d}" in text
     assert images == 3                                 # photos, the NFE plot, the path
     assert os.path.isdir(tmp_path / "demo" / "checkpoints")

@@ -78,12 +78,13 @@ def garble_the_data_state(step_dir):
         open(path, "w").write("\x00\x01")
 
 
-def restore_latest(workdir):
-    """`checkpointing.restore` of the latest usable step, as `build_run` calls it (one device)."""
+def restore_latest(workdir, step: int = PREVIOUS):
+    """`checkpointing.restore` of the latest usable step, as `build_run` calls it (one device;
+    the target tree is read from the metadata of `step`)."""
     import jax
     mngr = checkpointing.checkpoint_manager(str(workdir), keep=2)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    metadata = mngr.item_metadata(PREVIOUS)["state"]
+    metadata = mngr.item_metadata(step)["state"]
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                             metadata)
     try:
@@ -107,21 +108,6 @@ def test_each_kind_of_damage_moves_the_checkpoint_aside_and_restores_the_previou
     assert f"The checkpoint of step {LAST} is unusable" in caplog.text
 
 
-@pytest.mark.slow
-def test_a_run_resumes_past_a_flipped_byte_bitwise_equal_to_an_uninterrupted_one(
-        reference, stopped_run, tmp_path, caplog):
-    workdir = tmp_path / "run"
-    shutil.copytree(stopped_run, workdir)
-    flip_a_byte(os.path.join(workdir, "checkpoints", str(LAST)))
-    train(workdir)
-    assert f"The checkpoint of step {LAST} is unusable (checksums differ for " in caplog.text
-    assert steps(workdir)[-1] == TOTAL
-    params, ema = reference
-    assert max_diff(restore_params(str(workdir), use_ema=False), params) == 0.0
-    assert max_diff(restore_params(str(workdir)), ema) == 0.0
-
-
-@pytest.mark.slow
 def test_with_no_usable_checkpoint_the_run_stops_saying_so_and_a_reader_falls_back(stopped_run,
                                                                                   tmp_path):
     workdir = tmp_path / "run"
@@ -135,14 +121,14 @@ def test_with_no_usable_checkpoint_the_run_stops_saying_so_and_a_reader_falls_ba
     with pytest.raises(CheckpointError, match="no usable checkpoint") as err:
         restore_params(str(workdir))
     assert f"step {LAST} (" in str(err.value) and f"step {PREVIOUS} (" in str(err.value)
-    with pytest.raises(CheckpointError,
+    with pytest.raises(CheckpointError,         # what the run's start-up (`build_run`) raises
                        match=f"no usable checkpoint.*step {LAST}.*step {PREVIOUS}.*moved aside"):
-        train(workdir)
+        restore_latest(workdir, step=LAST)
     assert steps(workdir) == []
 
 
 @pytest.mark.slow
-def test_the_command_resumes_past_a_torn_checkpoint_with_one_line_and_no_traceback(
+def test_the_command_resumes_past_a_torn_checkpoint_bitwise_equal_with_one_line_no_traceback(
         reference, stopped_run, tmp_path):
     from support import ROOT
     workdir = tmp_path / "run"

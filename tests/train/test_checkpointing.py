@@ -27,16 +27,16 @@ def read_until(proc, marker: str, timeout: float = 120) -> bool:
 
 @pytest.mark.slow
 def test_a_run_killed_at_ten_random_moments_resumes_and_ends_bitwise_equal(reference, tmp_path):
-    """SIGKILL (no clean-up) at seeded random moments: every other attempt during start-up
-    (imports, compilation, restoring), the others during training, where a checkpoint is saved
-    asynchronously every step, so those kills land mid-save."""
+    """SIGKILL (no clean-up) at seeded random moments: six attempts during start-up (imports,
+    compilation, restoring), four during training, where a checkpoint is saved asynchronously
+    every step, so those kills land mid-save."""
     rng = random.Random(0)
     workdir = tmp_path / "soak"
     progress = []                            # the latest complete step after each attempt
     for attempt in range(KILLS):
         done = progress[-1] if progress else 0
         proc = start(workdir)
-        if attempt % 2 and done < TOTAL - 2:  # in training: just after the next step's log
+        if attempt % 5 in (1, 3) and done < TOTAL - 2:   # 4 of 10: just after a step's log
             read_until(proc, f"step {done + 1}/")
             time.sleep(rng.uniform(0.0, 0.3))
         else:
