@@ -20,21 +20,31 @@ PyTree = Any
 
 
 def _words(x: jax.Array) -> jax.Array:
-    """The bit pattern of `x` as a flat uint32 array (8-byte items as two words)."""
-    x = jnp.ravel(x)
+    """The bit pattern of `x` as uint32, in `x`'s shape (8-byte items: a trailing axis of 2)."""
     if x.dtype == jnp.bool_:
         return x.astype(jnp.uint32)
     size = jnp.dtype(x.dtype).itemsize
     if size == 8:
-        return jax.lax.bitcast_convert_type(x, jnp.uint32).ravel()
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
     unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]
     return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _positions(shape: tuple[int, ...]) -> jax.Array:
+    """The row-major position of every element, as uint32 in `shape`: built from iotas along each
+    axis, so a sharded array is never reshaped (or gathered) to compute it."""
+    position, stride = jnp.zeros(shape, jnp.uint32), 1
+    for axis in reversed(range(len(shape))):
+        iota = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+        position = position + iota * jnp.uint32(stride % 2 ** 32)
+        stride *= shape[axis]
+    return position
 
 
 def _sums(x: jax.Array) -> jax.Array:
     """uint32[2]: the plain and the position-weighted sum of `x`'s words."""
     w = _words(x)
-    odd = jnp.arange(w.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    odd = _positions(w.shape) * jnp.uint32(2) + jnp.uint32(1)
     return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * odd, dtype=jnp.uint32)])
 
 

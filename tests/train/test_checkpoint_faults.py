@@ -154,6 +154,12 @@ def test_checksums_catch_every_single_bit_flip_of_every_dtype():
             "flag": jnp.array([True, False])}
     sums = checksums.compute(tree)
     assert checksums.mismatches(sums, tree) == []
+    # The definition, in numpy: sums of the 32-bit words, plain and weighted by 2i + 1 (mod 2^32).
+    x = jnp.linspace(-3, 3, 24).reshape(2, 3, 4)
+    words = np.asarray(x).view(np.uint32).ravel().astype(np.uint64)
+    odd = np.arange(words.size, dtype=np.uint64) * 2 + 1
+    assert checksums.compute({"x": x})["x"] == [int(words.sum() % 2 ** 32),
+                                               int((words * odd).sum() % 2 ** 32)]
     for name, leaf in tree.items():
         raw = np.asarray(leaf).copy()
         bits = raw.view(np.uint8)
