@@ -59,8 +59,3 @@ class Unpickler(pickle.Unpickler):
 def load(file: Any, **kwargs: Any) -> Any:
     """pickle.load with the restricted globals (`torch.load` reads legacy headers with it)."""
     return Unpickler(file, **kwargs).load()
-
-
-def loads(data: bytes, **kwargs: Any) -> Any:
-    import io
-    return load(io.BytesIO(data), **kwargs)
