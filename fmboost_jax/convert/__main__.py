@@ -1,4 +1,4 @@
-"""Command line: `python -m fmboost_jax.convert unet|vae --src FILE --dst DIR ...`."""
+"""Command line: `python -m fmboost_jax.convert unet|vae|inception --src FILE --dst DIR ...`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from fmboost_jax import config as config_lib
 from fmboost_jax.convert import __doc__ as DOC
+from fmboost_jax.convert.inception import inception_params_from_torch
 from fmboost_jax.convert.torch_io import load_torch_state_dict, save_params
 from fmboost_jax.convert.unet import unet_params_from_torch
 from fmboost_jax.convert.vae import vae_params_from_torch
@@ -34,6 +35,16 @@ def _run_vae(args: argparse.Namespace) -> int:
     params = vae_params_from_torch(state_dict, model)
     dst = save_params(args.dst, params, overwrite=args.overwrite)
     print(f"wrote {count_params(params):,} VAE parameters ({args.preset}) to {dst}")
+    return 0
+
+
+def _run_inception(args: argparse.Namespace) -> int:
+    """`inception` subcommand: pytorch-fid's FID Inception-v3 weights -> orbax variables directory."""
+    state_dict = load_torch_state_dict(args.src, allow_pickle=args.allow_pickle)
+    variables = inception_params_from_torch(state_dict)
+    dst = save_params(args.dst, variables, overwrite=args.overwrite)
+    print(f"wrote {count_params(variables['params']):,} FID Inception-v3 parameters and "
+          f"{count_params(variables['batch_stats']):,} BatchNorm statistics to {dst}")
     return 0
 
 
@@ -64,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--preset", choices=sorted(autoencoder.PRESETS), default="sd",
                      help="architecture of the checkpoint (default: sd; sdxl has the same shapes)")
     vae.set_defaults(func=_run_vae)
+
+    fid = commands.add_parser("inception", help="convert pytorch-fid's FID Inception-v3 "
+                              "(pt_inception-2015-12-05-6726825d.pth)")
+    _add_common_arguments(fid)
+    fid.set_defaults(func=_run_inception)
     return parser
 
 

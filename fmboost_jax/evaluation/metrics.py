@@ -1,7 +1,9 @@
 """Image quality metrics on images in [-1, 1] (the reference's conventions).
 
 PSNR per image on [0, 1] after clipping, then averaged; SSIM with an 11x11 Gaussian
-window (sigma 1.5) on [0, 1], as torchmetrics' default used by the reference.
+window (sigma 1.5) on [0, 1], as torchmetrics' default used by the reference; MSE on the
+[-1, 1] values themselves, unclipped (the reference's `mse_loss(pred, target)`; its batch mean is
+the mean of these per-image values).
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ Array = jax.Array
 def to_unit(images: Array) -> Array:
     """[-1, 1] -> [0, 1], clipped."""
     return jnp.clip(images * 0.5 + 0.5, 0.0, 1.0)
+
+
+def mse(pred: Array, target: Array) -> Array:
+    """Per-image mean squared error of (B, H, W, C) images in [-1, 1] -> (B,)."""
+    return jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
 
 
 def psnr(pred: Array, target: Array) -> Array:

@@ -19,3 +19,10 @@ def test_ssim_is_one_for_identical_images_and_lower_for_noisy_ones():
     noisy = x + 0.3 * jax.random.normal(jax.random.PRNGKey(1), x.shape)
     np.testing.assert_allclose(metrics.ssim(x, x), 1.0, atol=1e-5)
     assert float(metrics.ssim(noisy, x).max()) < 0.9
+
+
+def test_mse_is_per_image_on_the_minus_one_one_values():
+    a = jnp.zeros((2, 4, 4, 3))
+    b = a.at[0].set(0.5).at[1, 0, 0, 0].set(-2.0)   # unclipped: the [-1, 1] values as given
+    np.testing.assert_allclose(metrics.mse(b, a), [0.25, 4.0 / 48], rtol=1e-6)
+    assert metrics.mse(b, a).shape == (2,)
