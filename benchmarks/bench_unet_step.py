@@ -71,6 +71,17 @@ def make_unet_step(model: EfficientUNet, tx: optax.GradientTransformation) -> Ca
     return step
 
 
+def make_ode_sample(model: EfficientUNet, solver: str, num_steps: int) -> Callable:
+    """`sample(params, x0, context) -> ODEResult`: the flow's ODE from t=0 to 1 with the UNet
+    as the velocity (the sampler's network evaluations, without coupling or decoding)."""
+
+    def sample(params, x0, context):
+        velocity = lambda t, x, args: model.apply(params, x, t, context)
+        return ode.integrate(velocity, x0, solver=solver, num_steps=num_steps)
+
+    return sample
+
+
 def make_batch(rng: jax.Array, batch: int, size: int, dtype: Any) -> dict[str, jax.Array]:
     k = jax.random.split(rng, 4)
     shape = (batch, size, size, 4)
@@ -126,34 +137,54 @@ def ratio_text(ours: float, ref: float, what: str) -> str:
     return f"ratio vs {what}: {ours:.1f} / {ref:.1f} ms = {r:.3f} ({speed})"
 
 
+def torch_unet_calls(cfg: dict[str, Any], batch: dict[str, np.ndarray], device: str = "cpu",
+                     autocast: str | None = None) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The PyTorch oracle's training step (forward, backward, Adam) and forward pass on `batch`
+    (NHWC arrays, moved to NCHW on `device`), each blocking until done; `autocast`: a torch dtype
+    name ("bfloat16") to run under `torch.autocast`. Raises ImportError without torch."""
+    import contextlib
+
+    import torch
+    sys.path.insert(0, str(ROOT / "tests"))
+    from torch_unet_oracle import EfficientUNet as TorchUNet
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = TorchUNet(**cfg).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    nchw = lambda a: torch.from_numpy(np.array(np.moveaxis(np.asarray(a, np.float32), -1, 1))).to(dev)
+    x, c, u = nchw(batch["x_t"]), nchw(batch["context"]), nchw(batch["u"])
+    t = torch.from_numpy(np.array(batch["t"], np.float32)).to(dev)
+    amp = (lambda: torch.autocast(dev.type, dtype=getattr(torch, autocast))) if autocast else \
+        contextlib.nullcontext
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with amp():
+            loss = torch.mean((model(x, t, c).float() - u) ** 2)
+        loss.backward()
+        opt.step()
+        sync()
+
+    def forward():
+        with torch.no_grad(), amp():
+            model(x, t, c)
+        sync()
+
+    return step, forward
+
+
 def torch_times(cfg: dict[str, Any], batch: dict[str, np.ndarray], steps: int, threads: int
                 ) -> tuple[list[float], list[float]] | None:
     """Training-step and forward times of the PyTorch oracle on the same inputs (NCHW), or None."""
     try:
         import torch
-        sys.path.insert(0, str(ROOT / "tests"))
-        from torch_unet_oracle import EfficientUNet as TorchUNet
+        torch.set_num_threads(threads)
+        step, forward = torch_unet_calls(cfg, batch)
     except ImportError as e:
         print(f"torch baseline skipped: {e}")
         return None
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = TorchUNet(**cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    nchw = lambda a: torch.from_numpy(np.array(np.moveaxis(np.asarray(a, np.float32), -1, 1)))
-    x, c, u = nchw(batch["x_t"]), nchw(batch["context"]), nchw(batch["u"])
-    t = torch.from_numpy(np.array(batch["t"], np.float32))
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = torch.mean((model(x, t, c) - u) ** 2)
-        loss.backward()
-        opt.step()
-
-    train = time_calls(step, steps)
-    with torch.no_grad():
-        fwd = time_calls(lambda: model(x, t, c), steps)
-    return train, fwd
+    return time_calls(step, steps), time_calls(forward, steps)
 
 
 def compare_device_counts(args: argparse.Namespace) -> None:
@@ -267,9 +298,7 @@ def main() -> None:
         call = lambda: forward(state[0], batch["x_t"], batch["t"], batch["context"])
         fwd = time_calls(lambda: call().block_until_ready(), args.steps, args.warmup)
         print(summary("forward", fwd, batch_size, flops_of(forward), peak, accelerator))
-    def sample(params, x0, context):
-        velocity = lambda t, x, args: model.apply(params, x, t, context)
-        return ode.integrate(velocity, x0, solver=args.sample_solver, num_steps=args.sample_steps)
+    sample = make_ode_sample(model, args.sample_solver, args.sample_steps)
     sampler = jax.jit(sample).lower(state[0], batch["x_t"], batch["context"]).compile()
     res = sampler(state[0], batch["x_t"], batch["context"])
     nfe = int(res.stats["nfe"])

@@ -6,7 +6,11 @@ Trains on random crops of seven photos that ship with scikit-image and evaluates
 fixed crops of a held-out photo (`stereo_motorcycle`), comparing CFM against
 bilinear and bicubic up-sampling with PSNR and SSIM (written to `runs/demo/eval.json`,
 grids to `runs/demo/samples/`). `--config=configs/demo.py:smoke` shrinks it to a few
-steps (used by the tests).
+steps (used by the tests). `--config=configs/demo.py:paper` trains the paper's coupling instead
+(the source noised at step 400) with 10% context dropout, so that the SDE samplers and
+classifier-free guidance apply (`benchmarks/sampler_study.py` compares every sampler on it).
+`:regression` is the paper's regression baseline (the same UNet, one pass, no flow); variants
+combine: `:smoke,regression`.
 
 Its departures from the released setup (`base_config()`), because this is pixel space on a CPU:
 - no first stage (pixels) and 8x8 -> 32x32 crops, low-res crops made with anti-aliasing;
@@ -19,7 +23,7 @@ Its departures from the released setup (`base_config()`), because this is pixel 
 - 4 Euler steps for sampling.
 """
 
-from fmboost_jax.config import base_config
+from fmboost_jax.config import as_regression, base_config, variants
 
 
 def get_config(arg: str | None = None):
@@ -50,7 +54,12 @@ def get_config(arg: str | None = None):
     c.keep_checkpoints, c.keep_every = 2, 0
     c.eval_batch_size = 0
 
-    if arg == "smoke":  # a few steps through every code path, for tests
+    chosen = variants(arg, ("smoke", "paper", "regression"))
+    if "paper" in chosen:  # the noised source (SDE samplers) and context dropout (guidance)
+        c.coupling.update(noising_step=400, context_dropout=0.1)
+    if "regression" in chosen:
+        as_regression(c)
+    if "smoke" in chosen:  # a few steps through every code path, for tests
         c.total_steps, c.batch_size = 4, 4
         c.log_every, c.eval_every, c.checkpoint_every = 2, 4, 2
         c.data.num_eval_images = 4

@@ -15,17 +15,21 @@ The batch size and number of steps were not published; set them for your hardwar
 
 `--config=configs/lhq.py:smoke` is the same code path (latent space, PSU, noising step 400,
 concat context) shrunk to run a few steps on a CPU with a narrow, randomly initialised VAE on
-photos that ship with scikit-image.
+photos that ship with scikit-image. `:regression` (also `:smoke,regression`) is the paper's
+regression baseline: the same UNet predicting the high-res latent in one pass.
 """
 
-from fmboost_jax.config import base_config
+from fmboost_jax.config import as_regression, base_config, variants
 
 
 def get_config(arg: str | None = None):
+    chosen = variants(arg, ("smoke", "regression"))
     c = base_config()
     c.data.update(name="tfds", tfds_name="lhq", path="~/tensorflow_datasets", worker_count=8)
-    if arg == "smoke":
+    if "smoke" in chosen:
         smoke(c, low_res=32, high_res=64)
+    if "regression" in chosen:
+        as_regression(c)
     return c
 
 

@@ -134,6 +134,9 @@ def base_config() -> ml_collections.ConfigDict:
     """The paper's released setup, field by field (see the module docstring)."""
     from fmboost_jax.cfm.noising import NUM_TIMESTEPS
     from fmboost_jax.cfm.ode import SolverOptions
+    from fmboost_jax.cfm.sampling import GUIDANCE_SCALE
+    from fmboost_jax.cfm.sde import SDEOptions
+    from fmboost_jax.evaluation.benchmark import CROP_SIZE, NUM_CROPS
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.dtype = "auto"                   # UNet compute dtype: auto | float32 | bfloat16
@@ -160,9 +163,13 @@ def base_config() -> ml_collections.ConfigDict:
         start_from_noise=False,
         noising_step=400,              # forward-diffusion step of the source; <= 0 disables
         concat_context=True,
+        context_dropout=0.0,           # P(zero context) in training, for classifier-free guidance
         num_timesteps=NUM_TIMESTEPS,   # discrete steps of the noising schedule
     ))
     c.flow = ml_collections.ConfigDict(dict(schedule="linear", sigma_min=0.0))
+    # "cfm", or "regression": the paper's baseline, the same UNet predicting x1 in one pass
+    # from the clean up-sampled latent (`configs/*.py:regression`).
+    c.objective = "cfm"
 
     c.unet = ml_collections.ConfigDict(dict(
         in_channels=8, model_channels=128, out_channels=4, num_res_blocks=3,
@@ -185,9 +192,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 64                  # global, over all devices (not published by the authors)
     c.total_steps = 300_000
 
-    # The sampler: its defaults are the one table `cfm.ode.SolverOptions` (torchdiffeq's rk4
-    # over 40 time points, the reference's validation sampler; dopri5 tolerances).
-    c.sampling = ml_collections.ConfigDict(SolverOptions()._asdict())
+    # The sampler: its defaults are the tables `cfm.ode.SolverOptions` (torchdiffeq's rk4
+    # over 40 time points, the reference's validation sampler; dopri5 tolerances) and
+    # `cfm.sde.SDEOptions` (the reference's SDE sampler), and the guidance scale.
+    c.sampling = ml_collections.ConfigDict(dict(
+        **SolverOptions()._asdict(), **SDEOptions()._asdict(), guidance_scale=GUIDANCE_SCALE))
 
     # Devices: the batch is split over all of them; arrays of at least `fsdp_min_size`
     # elements (params, EMA, Adam moments) are sharded over the 'fsdp' axis, others replicated.
@@ -201,7 +210,42 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_every = 50_000              # ... plus every step divisible by this (0: none)
     c.eval_batch_size = 16             # 0 = batch_size
     c.num_grid_images = 8
+    # What the held-out evaluation scores (`evaluation.benchmark`): psnr, ssim, mse and, with
+    # converted Inception weights in `inception` ("": skipped), fid, kid and pfid (`num_crops`
+    # crops of `crop_size`² per image, the reference's 4 and 512), of CFM and the `baselines`.
+    c.eval = ml_collections.ConfigDict(dict(
+        metrics=("psnr", "ssim"), inception="", num_crops=NUM_CROPS, crop_size=CROP_SIZE,
+        baselines=("bilinear", "bicubic")))
+
+    # Weights & Biases, beside metrics.jsonl and TensorBoard (`train/wandb_logging.py`).
+    c.wandb = ml_collections.ConfigDict(dict(
+        project="",                    # W&B project; "" = no W&B (wandb is never imported)
+        entity="",                     # team or user ("" : your default entity)
+        name="",                       # run name ("" : the workdir's basename)
+        mode="online",                 # "online" | "offline" (files only; `wandb sync`) | "disabled"
+        tags=(),                       # tags of the run, strings
+    ))
     return c
+
+
+# ------------------------------------------------------------------------ variants
+
+def variants(arg: str | None, known: tuple[str, ...]) -> set[str]:
+    """The comma-separated variants of a config file's argument (`lhq:smoke,regression`);
+    ValueError naming an unknown one."""
+    chosen = {v for v in (arg or "").split(",") if v}
+    unknown = sorted(chosen - set(known))
+    if unknown:
+        raise ValueError(f"unknown config variant(s) {', '.join(unknown)}; this config knows "
+                         f"{', '.join(known)}")
+    return chosen
+
+
+def as_regression(c: ml_collections.ConfigDict) -> None:
+    """The paper's regression baseline of a setup: the same UNet (the same parameter count) on
+    the clean up-sampled latent and its context, predicting x1 in one pass."""
+    c.objective = "regression"
+    c.coupling.update(noising_step=-1, start_from_noise=False, context_dropout=0.0)
 
 
 # ------------------------------------------------------------------------ loading
@@ -220,6 +264,21 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
+
+
+def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with every field it lacks taken from `base_config()` (a run's `config.json`
+    written before a field existed reads as if the field had its default)."""
+    def fill(cfg: Any, ref: Any) -> None:
+        for key, value in ref.items():
+            if key not in cfg:
+                cfg[key] = value
+            elif isinstance(value, ml_collections.ConfigDict) and isinstance(
+                    cfg[key], ml_collections.ConfigDict):
+                fill(cfg[key], value)
+    config = ml_collections.ConfigDict(config.to_dict())
+    fill(config, base_config())
+    return config
 
 
 # ------------------------------------------------------------------------ checks
@@ -264,7 +323,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from fmboost_jax.cfm import model, sampling
     from fmboost_jax.data import pipeline
     from fmboost_jax.parallel import sharding
-    from fmboost_jax.train import loop
+    from fmboost_jax.train import loop, wandb_logging
     for check in (first_stage.check_config, model.check_config, sampling.check_config,
-                  pipeline.check_config, sharding.check_config, loop.check_config):
+                  pipeline.check_config, sharding.check_config, loop.check_config,
+                  wandb_logging.check_config):
         check(config)

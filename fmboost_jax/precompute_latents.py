@@ -10,6 +10,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fmboost_jax import compile_cache
 from fmboost_jax.config import config_from_flag, run_app, user_errors_in_one_line
 from fmboost_jax.data.precompute import CHUNK_BATCHES
 from fmboost_jax.parallel import distributed
@@ -23,6 +24,7 @@ _CHUNK = flags.DEFINE_integer("chunk_batches", CHUNK_BATCHES, "Batches per outpu
 _STORE_IMAGES = flags.DEFINE_bool("store_images", False, "Also store the uint8 images.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
                                  "Join a multi-process run (see fmboost_jax.train).")
+_NO_COMPILE_CACHE = flags.DEFINE_bool("no_compile_cache", False, compile_cache.FLAG_HELP)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,6 +32,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    compile_cache.enable(off=_NO_COMPILE_CACHE.value)
     distributed.initialize(_DISTRIBUTED.value)
     from fmboost_jax.data.precompute import precompute  # after the processes are connected
     with user_errors_in_one_line():

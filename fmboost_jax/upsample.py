@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fmboost_jax import paths
+from fmboost_jax import compile_cache, paths
 from fmboost_jax.config import user_errors_in_one_line
 from fmboost_jax.data import images as images_lib
 from fmboost_jax.data.sources import list_images
@@ -46,8 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default=None, help="converted VAE directory (default: the config's)")
     p.add_argument("--input", required=True, help="an image file or a folder of images")
     p.add_argument("--output", required=True, help="output file (for a file input) or folder")
-    p.add_argument("--solver", default=None, help="ODE solver (default: the model's config)")
+    p.add_argument("--solver", default=None,
+                   help="sampler: dopri5, euler, heun, midpoint, rk4, rk4_classic (ODE), "
+                        "euler_maruyama, sde_heun (SDE; models with a noised source) "
+                        "(default: the model's config)")
     p.add_argument("--num_steps", type=int, default=None, help="steps of a fixed-step solver")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="classifier-free guidance w (models trained with context dropout)")
     p.add_argument("--seed", type=int, default=0, help="seed of the coupling's noise")
     p.add_argument("--batch_size", type=int, default=4, help="images per call (same-size ones)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None,
@@ -57,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip images with more pixels (checked before decoding)")
     p.add_argument("--ground_truth", action="store_true",
                    help="inputs are high-res ground truth: down-sample, boost, compare and score")
+    p.add_argument("--no_compile_cache", action="store_true", help=compile_cache.FLAG_HELP)
     return p
 
 
@@ -261,7 +267,7 @@ def load_model(args: argparse.Namespace):
 def _boost(model, x: np.ndarray, rng, args: argparse.Namespace, latents: bool = False):
     """The last stage's `SampleOutput` for low-res images (or latents) `x`."""
     from fmboost_jax.inference.upsampler import Cascade
-    kw = dict(solver=args.solver, num_steps=args.num_steps)
+    kw = dict(solver=args.solver, num_steps=args.num_steps, guidance_scale=args.guidance_scale)
     fn = model.from_latents if latents else model
     if isinstance(model, Cascade):
         return fn(x, rng, decode_all=False, **kw)[-1]
@@ -298,6 +304,7 @@ def boost_latents(args: argparse.Namespace) -> dict[str, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    compile_cache.enable(off=args.no_compile_cache)
     with user_errors_in_one_line(ValueError):   # BadImage and memory.TooLarge included
         run(args)
     return 0

@@ -16,6 +16,8 @@ import pytest  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", os.path.join(TESTS, ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# The command lines the tests start in subprocesses cache there too (not in ~/.cache).
+os.environ.setdefault("FMBOOST_COMPILE_CACHE", os.path.join(TESTS, ".jax_cache"))
 
 import support  # noqa: E402
 

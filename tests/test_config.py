@@ -27,7 +27,8 @@ def test_base_config_is_the_released_setup_field_by_field():
     assert autoencoder.PRESETS["sd"].scale_factor == 0.18215
     assert dict(c.coupling) == dict(upsampling_mode="psu", upsampling_mode_context="",
                                     start_from_noise=False, noising_step=400,
-                                    concat_context=True, num_timesteps=1000)
+                                    concat_context=True, num_timesteps=1000,
+                                    context_dropout=0.0)
     assert dict(c.flow) == dict(schedule="linear", sigma_min=0.0)
     assert dict(c.unet) == dict(
         in_channels=8, model_channels=128, out_channels=4, num_res_blocks=3,
@@ -40,6 +41,9 @@ def test_base_config_is_the_released_setup_field_by_field():
         (0.999, 1000, 0.75, True)
     assert (c.sampling.solver, c.sampling.num_steps) == ("rk4", 39)    # 40 time points
     assert (c.sampling.rtol, c.sampling.atol) == (1e-3, 1e-6)
+    assert (c.sampling.diffusion_form, c.sampling.last_step, c.sampling.last_step_size) == (
+        "sigma", "Mean", 0.04)                                         # FlowSDE.sample's
+    assert c.sampling.guidance_scale == 1.0
     assert c.dtype == "auto" and config_lib.dtype("auto") == config_lib.DTYPES["float32"]
 
 
@@ -105,6 +109,8 @@ def test_context_off_halves_the_expected_input_channels(tiny_config):
     ("coupling.upsampling_mode_context", "area", "config.coupling.upsampling_mode_context"),
     ("sampling.solver", "rk45", "config.sampling.solver"),
     ("sampling.rtol", 0.0, "config.sampling.rtol"),
+    ("sampling.num_points", 1, "config.sampling.num_points"),
+    ("coupling.context_dropout", 1.0, "config.coupling.context_dropout"),
     ("flow.schedule", "cosine", "config.flow.schedule"),
     ("dtype", "float16", "config.dtype"),
     ("first_stage.dtype", "float16", "config.first_stage.dtype"),
@@ -179,3 +185,36 @@ def test_the_local_launcher_explains_its_usage():
     proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "run_local.sh")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+def test_an_sde_solver_needs_a_noised_source(tiny_config):
+    """The demo's coupling (no noising): no score, so SDE solvers are refused, naming the field."""
+    tiny_config.sampling.solver = "euler_maruyama"
+    _assert_invalid(tiny_config, "config.coupling.noising_step")
+    tiny_config.coupling.noising_step = 400
+    config_lib.validate(tiny_config)
+    tiny_config.sampling.diffusion_form = "cosine"
+    _assert_invalid(tiny_config, "config.sampling.diffusion_form")
+    tiny_config.sampling.update(diffusion_form="SBDM", last_step="Tweedie")
+    _assert_invalid(tiny_config, "config.sampling.last_step")
+    tiny_config.sampling.update(last_step="Mean", last_step_size=1.0)
+    _assert_invalid(tiny_config, "config.sampling.last_step_size")
+
+
+def test_guidance_needs_a_model_trained_with_context_dropout(tiny_config):
+    tiny_config.sampling.guidance_scale = 2.0
+    _assert_invalid(tiny_config, "config.sampling.guidance_scale")
+    tiny_config.coupling.context_dropout = 0.1
+    config_lib.validate(tiny_config)
+    tiny_config.coupling.concat_context = False
+    tiny_config.unet.in_channels = 3
+    _assert_invalid(tiny_config, "config.coupling.context_dropout")
+
+
+def test_a_run_config_written_before_a_field_existed_reads_with_its_default():
+    c = config_lib.base_config()
+    del c.coupling["context_dropout"]
+    del c.sampling["guidance_scale"]
+    filled = config_lib.with_defaults(c)
+    assert filled.coupling.context_dropout == 0.0 and filled.sampling.guidance_scale == 1.0
+    assert filled.coupling.noising_step == c.coupling.noising_step

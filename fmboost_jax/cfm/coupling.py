@@ -5,14 +5,23 @@ Follows the reference trainer (`get_source_and_context`): the source is the up-s
 `noising_step`; the context, concatenated to the UNet input, is the clean up-sampled latent
 (made with `upsampling_mode_context` when that differs). Pure: latents in, latents out; how the
 up-sampled latents are made from the batch is `upsampling.py`.
+
+Given the context the source is Gaussian, x0 ~ N(source_mean(z_up), source_std^2 I): the SDE
+samplers' score needs both (`sde.score_from_velocity`). For classifier-free guidance, training
+replaces the context by zeros with probability `context_dropout` (`drop_context`): zeros rather
+than a learned null context, because they add no parameters (checkpoints keep the reference's
+layout) and fit any latent size of the fully convolutional network; the scaled latents are
+roughly zero-mean, so zeros carry no image.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from fmboost_jax.cfm import noising, upsampling
 from fmboost_jax.config import ConfigError, check_one_of
@@ -29,6 +38,7 @@ class Coupling:
     noising_step: int                  # <= 0 disables the forward noising
     concat_context: bool
     num_timesteps: int
+    context_dropout: float             # probability of training on a zero context
 
     @classmethod
     def from_config(cls, coupling: Any) -> Coupling:
@@ -47,6 +57,31 @@ class Coupling:
         if self.uses_context and self.upsampling_mode_context != self.upsampling_mode:
             return (self.upsampling_mode, self.upsampling_mode_context)
         return (self.upsampling_mode,)
+
+    @property
+    def _alpha_bar(self) -> float:
+        """alpha-bar of the source's noising step (1 without noising)."""
+        if self.noising_step <= 0:
+            return 1.0
+        return noising.alpha_bar_at(self.noising_step, self.num_timesteps)
+
+    @property
+    def source_std(self) -> float:
+        """Standard deviation of x0 given the context: 1 for noise, sqrt(1 - alpha_bar) when
+        noised, 0 for the bare up-sampled latent."""
+        return 1.0 if self.start_from_noise else math.sqrt(1.0 - self._alpha_bar)
+
+    def source_mean(self, z_up: Array) -> Array:
+        """Mean of x0 given the context (B, h, w, C): sqrt(alpha_bar) z_up (0 for noise)."""
+        if self.start_from_noise:
+            return jnp.zeros_like(z_up)
+        return math.sqrt(self._alpha_bar) * z_up
+
+    def drop_context(self, context: Array, rng: jax.Array) -> Array:
+        """Training's context dropout: each sample's context (B, h, w, C) is zeroed with
+        probability `context_dropout`."""
+        keep = jax.random.bernoulli(rng, 1.0 - self.context_dropout, (context.shape[0],))
+        return context * keep.reshape((-1,) + (1,) * (context.ndim - 1)).astype(context.dtype)
 
     def __call__(self, z_up: Array, z_context: Array | None, rng: jax.Array
                  ) -> tuple[Array, Array | None]:
@@ -71,6 +106,11 @@ def check_config(config: Any) -> None:
     if cp.start_from_noise and cp.noising_step > 0:
         raise ConfigError("coupling.noising_step", "must be <= 0 when coupling.start_from_noise "
                           "is set (the source is already pure noise)")
+    if not 0.0 <= cp.context_dropout < 1.0:
+        raise ConfigError("coupling.context_dropout", f"must be in [0, 1), got {cp.context_dropout}")
+    if cp.context_dropout > 0 and not (cp.concat_context or cp.start_from_noise):
+        raise ConfigError("coupling.context_dropout", "drops the concatenated context: it needs "
+                          "coupling.concat_context=True")
     if cp.noising_step >= cp.num_timesteps:
         raise ConfigError("coupling.noising_step",
                           f"must be < coupling.num_timesteps={cp.num_timesteps}")

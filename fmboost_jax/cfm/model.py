@@ -6,7 +6,8 @@ the training pair the reference builds (`extract_from_batch` + `get_source_and_c
     x1      = encode(image)                       or batch["latent"] (precomputed)
     lowres  = downsample(image, 1 / upscale)      or batch["latent_lowres"] (a PSU latent)
     z_up    = upsample(lowres)                    (PSU: encode(bilinear_up(lowres)))
-    x0, ctx = coupling(z_up)                      (noised at noising_step; clean context)
+    x0, ctx = coupling(z_up)                      (noised at noising_step; clean context,
+                                                   zeroed with p = context_dropout)
 
 and regresses v(x_t, t, ctx) onto u_t. Sizes follow the input: the network is fully
 convolutional, and the model up-samples by `upscale = high_res_size // low_res_size`. `CFM`
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,15 @@ from fmboost_jax.models.unet import EfficientUNet
 
 Array = jax.Array
 PyTree = Any
+OBJECTIVES = ("cfm", "regression")
+
+
+class Coupled(NamedTuple):
+    """The flow's source x0, its context (None without one), and z_up, the up-sampled latent
+    the source was made from (all (B, h, w, C))."""
+    x0: Array
+    context: Array | None
+    z_up: Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +59,7 @@ class CFM:
     sigma_min: float
     lowres_downsampling: str
     lowres_antialias: bool
+    objective: str                     # "cfm", or "regression": the paper's baseline
 
     @classmethod
     def from_config(cls, config: Any) -> CFM:
@@ -58,7 +69,7 @@ class CFM:
                    upscale=config.high_res_size // config.low_res_size,
                    schedule=config.flow.schedule, sigma_min=config.flow.sigma_min,
                    lowres_downsampling=config.lowres_downsampling,
-                   lowres_antialias=config.lowres_antialias)
+                   lowres_antialias=config.lowres_antialias, objective=config.objective)
 
     @property
     def path(self) -> flow.Path:
@@ -95,6 +106,21 @@ class CFM:
         rngs = {"dropout": rng} if (train and rng is not None) else None
         return self.unet.apply({"params": params}, x, t, context, train=train, rngs=rngs)
 
+    def guided_velocity(self, params: PyTree, x: Array, t: Array, context: Array | None,
+                        guidance_scale: float = 1.0) -> Array:
+        """Classifier-free guidance v_u + w (v_c - v_u), v_u the velocity with the zero context
+        that `coupling.context_dropout` trains; both halves in one evaluation of a doubled batch
+        (B, h, w, C). w = 1 is the conditional velocity itself, evaluated once."""
+        if guidance_scale == 1.0:
+            return self.velocity(params, x, t, context)
+        if context is None:
+            raise ValueError("guidance needs a model with a context (coupling.concat_context)")
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        both = self.velocity(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                             jnp.concatenate([jnp.zeros_like(context), context]))
+        v_uncond, v_cond = jnp.split(both, 2)
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
+
     # ---------------------------------------------------------------- the coupling
     def lowres_images(self, images: Array) -> Array:
         """High-res images (B, H, W, 3) -> low-res images (B, H/upscale, W/upscale, 3)."""
@@ -102,12 +128,14 @@ class CFM:
         return upsampling.resize(images, (h, w), self.lowres_downsampling, self.lowres_antialias)
 
     def couple(self, fs_params: PyTree, lowres: LowRes, size: tuple[int, int], rng: jax.Array
-               ) -> tuple[Array, Array | None]:
-        """x0 (B, *size, C) and the context (or None) from the low-res input."""
+               ) -> Coupled:
+        """x0 (B, *size, C), the context (or None) and the source's up-sampled latent z_up from
+        the low-res input."""
         up_rng, ctx_rng, rng = jax.random.split(rng, 3)
         zs = [upsampling.upsample(mode, lowres, size, self.first_stage, fs_params, r)
               for mode, r in zip(self.coupling.context_modes, (up_rng, ctx_rng))]
-        return self.coupling(zs[0], zs[1] if len(zs) > 1 else None, rng)
+        x0, context = self.coupling(zs[0], zs[1] if len(zs) > 1 else None, rng)
+        return Coupled(x0, context, zs[0])
 
     def prepare(self, fs_params: PyTree, batch: Mapping[str, Array], rng: jax.Array
                 ) -> tuple[Array, Array, Array | None]:
@@ -120,7 +148,7 @@ class CFM:
         lowres = LowRes(images=None if images is None else self.lowres_images(images),
                         psu_latent=scaled(batch["latent_lowres"]) if "latent_lowres" in batch
                         else None)
-        x0, context = self.couple(fs_params, lowres, x1.shape[1:3], rng)
+        x0, context, _ = self.couple(fs_params, lowres, x1.shape[1:3], rng)
         return jax.lax.stop_gradient((x0, x1, context))
 
     # ---------------------------------------------------------------- loss
@@ -129,8 +157,22 @@ class CFM:
         """The flow-matching loss of a batch, a float32 scalar."""
         prep_rng, loss_rng, drop_rng = jax.random.split(rng, 3)
         x0, x1, context = self.prepare(fs_params, batch, prep_rng)
+        if train and self.coupling.context_dropout > 0:
+            # fold_in: the other streams stay those of a run without context dropout
+            context = self.coupling.drop_context(context, jax.random.fold_in(rng, 1))
+        if self.objective == "regression":
+            x1_hat = self.regress(params, x0, context, train=train, rng=drop_rng)
+            return jnp.mean(jnp.square(x1_hat.astype(jnp.float32) - x1.astype(jnp.float32)))
         v = lambda x, t: self.velocity(params, x, t, context, train=train, rng=drop_rng)
         return flow.flow_matching_loss(v, self.path, x0, x1, loss_rng, self.sigma_min)
+
+    def regress(self, params: PyTree, x0: Array, context: Array | None, train: bool = False,
+                rng: jax.Array | None = None) -> Array:
+        """The regression baseline's prediction of x1 in one pass (B, h, w, C): the same UNet at
+        t = 0 on the clean up-sampled latent x0, as a residual x0 + f(x0, context), so that an
+        untrained (zero) output is the up-sampled latent itself."""
+        t = jnp.zeros((x0.shape[0],), jnp.float32)
+        return x0 + self.velocity(params, x0, t, context, train=train, rng=rng)
 
 
 def check_config(config: Any) -> None:
@@ -151,6 +193,11 @@ def check_config(config: Any) -> None:
                               f"up-sampled one: it needs low_res_size ({lo}) == high_res_size "
                               f"({hi})")
     flow.check_config(config)
+    config_lib.check_one_of(config, "objective", OBJECTIVES)
+    if config.objective == "regression" and (cp.noising_step > 0 or cp.start_from_noise):
+        raise ConfigError("coupling.noising_step", "a regression model's input is the clean "
+                          "up-sampled latent: set coupling.noising_step=-1 and "
+                          "coupling.start_from_noise=False")
     u, channels = config.unet, latent_channels(config)
     uses_context = config.coupling.concat_context or config.coupling.start_from_noise
     want_in = channels * (2 if uses_context else 1)

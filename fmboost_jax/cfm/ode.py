@@ -7,7 +7,8 @@ leading batch axis, e.g. latents (B, H, W, C).
 Step convention: `num_steps` is the number of integration steps (intervals) of the fixed-step
 solvers, on the grid `linspace(0, 1, num_steps + 1)`. The reference instead passes
 `t = linspace(0, 1, N)` time *points* to torchdiffeq, i.e. N - 1 steps: its validation sampler
-("rk4" with 40 points, 39 * 4 = 156 network evaluations) is `solver="rk4", num_steps=39` here.
+("rk4" with 40 points, 39 * 4 = 156 network evaluations) is `solver="rk4", num_steps=39` here, or
+in the reference's terms `num_points=40` (when set, `num_points` replaces `num_steps`).
 
 Solvers: "rk4" is torchdiffeq's (the 3/8 rule), "rk4_classic" the 1/6-1/3-1/3-1/6 rule.
 Evaluations per step: euler 1, heun 2, midpoint 2, rk4 and rk4_classic 4. dopri5 is FSAL:
@@ -44,6 +45,7 @@ class SolverOptions(NamedTuple):
     validation sampler, torchdiffeq's rk4 over 40 time points, and its dopri5 tolerances."""
     solver: str = "rk4"
     num_steps: int = 39
+    num_points: int = 0                # > 0: the reference's time points, num_steps = N - 1
     rtol: float = 1e-3
     atol: float = 1e-6
     dt0: float = 0.01
@@ -107,9 +109,18 @@ class ODEResult(NamedTuple):
     intermediates: PyTree | None
 
 
+def fixed_steps(num_steps: int, num_points: int = 0) -> int:
+    """The steps of a fixed-step solver: `num_points - 1` when the reference's time points are
+    given (> 0), else `num_steps`."""
+    if num_points and int(num_points) < 2:
+        raise ValueError(f"num_points must be 0 (unset) or >= 2, got {num_points}")
+    return int(num_points) - 1 if num_points else int(num_steps)
+
+
 def _check_options(o: SolverOptions, save_intermediates: int) -> None:
     if o.solver not in SOLVERS:
         raise ValueError(f"Unknown ODE solver {o.solver!r}; valid solvers are {', '.join(SOLVERS)}")
+    fixed_steps(o.num_steps, o.num_points)
     for name, value, low in (("num_steps", o.num_steps, 1), ("max_steps", o.max_steps, 1),
                              ("save_intermediates", save_intermediates, 0)):
         if int(value) < low:
@@ -192,7 +203,8 @@ def integrate(velocity_fn: VelocityFn, x0: PyTree, *, save_intermediates: int = 
       args_axes: with `per_sample`, which leaves of `args` are batched along axis 0 (a prefix
         tree of 0 / None, as `jax.vmap`'s in_axes; default: none), e.g. `(None, 0)` for
         `args = (params, context)`.
-      **options: fields of `SolverOptions` (solver, num_steps, rtol, atol, dt0, max_steps);
+      **options: fields of `SolverOptions` (solver, num_steps, num_points, rtol, atol, dt0,
+        max_steps);
         unset ones take the table's defaults. "dopri5" is adaptive; the others take `num_steps`
         equal steps. The reference's `linspace(0, 1, N)` time points are `num_steps = N - 1`.
         diffrax 0.7.2 given dt0=None also starts at 0.01; torchdiffeq instead estimates it from
@@ -207,7 +219,7 @@ def integrate(velocity_fn: VelocityFn, x0: PyTree, *, save_intermediates: int = 
     o = SolverOptions(**options)
     _check_options(o, save_intermediates)
     # Arrays, not Python floats: diffrax's filter_jit would otherwise recompile for each value.
-    static = dict(solver=o.solver, num_steps=int(o.num_steps), rtol=jnp.asarray(o.rtol),
+    static = dict(solver=o.solver, num_steps=fixed_steps(o.num_steps, o.num_points), rtol=jnp.asarray(o.rtol),
                   atol=jnp.asarray(o.atol), dt0=jnp.asarray(o.dt0), max_steps=int(o.max_steps),
                   save_intermediates=int(save_intermediates), throw=throw)
     if not per_sample:

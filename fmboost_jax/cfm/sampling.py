@@ -1,8 +1,13 @@
 """Sampling: integrate the learned flow from the coupled source to the high-res latent.
 
     x0, ctx = coupling(upsample(lowres))  # as in training (PSU, noising_step, ...)
-    x1      = ODE solve of dx/dt = v_theta(x, t, ctx) from t = 0 to 1   (diffrax)
+    x1      = ODE solve of dx/dt = v_theta(x, t, ctx) from t = 0 to 1   (diffrax, `ode.py`)
+              or an SDE with the same marginals                      (`sde.py`)
     image   = first_stage.decode(x1)
+
+`config.sampling.solver` picks the sampler (`SOLVERS`); `guidance_scale` w != 1 samples with
+classifier-free guidance, for models trained with `coupling.context_dropout`. A regression
+model (`config.objective = "regression"`, the paper's baseline) takes no solver: one pass.
 
 The output size follows the input's: (B, h, w, 3) low-res images give (B, h * upscale,
 w * upscale, 3). `make_sample_fn(cfm, ...)` returns a jitted `sample(params, fs_params,
@@ -15,8 +20,9 @@ import functools
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
-from fmboost_jax.cfm import ode
+from fmboost_jax.cfm import ode, sde
 from fmboost_jax.cfm.model import CFM
 from fmboost_jax.cfm.upsampling import LowRes
 from fmboost_jax.config import ConfigError, check_one_of, check_range
@@ -45,8 +51,8 @@ def sample(cfm: CFM, params: PyTree, fs_params: PyTree, lowres_images: Array, rn
            **kwargs: Any) -> SampleOutput:
     """Up-samples low-res images (B, h, w, 3) in [-1, 1] to (B, h * upscale, w * upscale, 3).
 
-    `kwargs`: `ode.SolverOptions` fields (unset: the table's defaults), `save_intermediates`,
-    `per_sample`, `throw`."""
+    `kwargs`: `ode.SolverOptions` and `sde.SDEOptions` fields (unset: the tables' defaults),
+    `guidance_scale`, `save_intermediates`, `per_sample`, `throw`."""
     _, h, w, _ = lowres_images.shape
     size = cfm.latent_size((h * cfm.upscale, w * cfm.upscale))
     return integrate(cfm, params, fs_params, LowRes(images=lowres_images), size, rng, **kwargs)
@@ -68,22 +74,62 @@ def sample_latents(cfm: CFM, params: PyTree, fs_params: PyTree, lowres_latents: 
                      decode=decode, **kwargs)
 
 
+SOLVERS = ode.SOLVERS + sde.SOLVERS
+GUIDANCE_SCALE = 1.0      # classifier-free guidance w; 1: the conditional velocity
+
+
 def integrate(cfm: CFM, params: PyTree, fs_params: PyTree, lowres: LowRes,
               size: tuple[int, int], rng: jax.Array, *, decode: bool = True,
               save_intermediates: int = 0, per_sample: bool = False, throw: bool = True,
-              **options: Any) -> SampleOutput:
-    """The flow from the coupled source of `lowres` to latents of `size`, decoded if asked."""
-    x0, context = cfm.couple(fs_params, lowres, size, rng)
+              guidance_scale: float = GUIDANCE_SCALE, **options: Any) -> SampleOutput:
+    """The flow from the coupled source of `lowres` to latents of `size`, decoded if asked.
+
+    `options`: `ode.SolverOptions` and `sde.SDEOptions` fields; an SDE solver (`sde.SOLVERS`)
+    samples with the rest of `rng`, and ignores `per_sample` and `throw` (its steps are fixed;
+    `success` reports a non-finite result). With guidance (w != 1) every evaluation is of a
+    doubled batch, and `nfe` counts both halves."""
+    x0, context, z_up = cfm.couple(fs_params, lowres, size, rng)
+    sde_rng = jax.random.fold_in(rng, 1)          # the ODE samplers' streams stay as they were
 
     def velocity(t: Array, x: Array, args: tuple[PyTree, Array | None]) -> Array:
         p, ctx = args
-        return cfm.velocity(p, x, t, ctx)
+        return cfm.guided_velocity(p, x, t, ctx, guidance_scale)
 
-    res = ode.integrate(velocity, x0, save_intermediates=save_intermediates,
-                        per_sample=per_sample, throw=throw, args=(params, context),
-                        args_axes=(None, 0), **options)
+    sde_options = {k: options.pop(k) for k in sde.SDEOptions._fields if k in options}
+    solver = options.get("solver", ode.SolverOptions().solver)
+    if cfm.objective == "regression":        # one pass, no solver
+        res = _regress(cfm, params, x0, context, save_intermediates)
+    elif solver in sde.SOLVERS:
+        steps = ode.fixed_steps(options.get("num_steps", ode.SolverOptions().num_steps),
+                                options.get("num_points", 0))
+        source = sde.Source(cfm.coupling.source_mean(z_up), cfm.coupling.source_std)
+        res = sde.integrate(velocity, x0, sde_rng, path=cfm.path, source=source,
+                            sigma_min=cfm.sigma_min, solver=solver, num_steps=steps,
+                            save_intermediates=save_intermediates, args=(params, context),
+                            **sde_options)
+    else:
+        res = ode.integrate(velocity, x0, save_intermediates=save_intermediates,
+                            per_sample=per_sample, throw=throw, args=(params, context),
+                            args_axes=(None, 0), **options)
+    stats = res.stats
+    if guidance_scale != 1.0:
+        stats = {**stats, "nfe": 2 * stats["nfe"]}
     images = cfm.first_stage.decode(fs_params, res.x1) if decode else None
-    return SampleOutput(images, res.x1, res.stats, res.intermediates)
+    return SampleOutput(images, res.x1, stats, res.intermediates)
+
+
+def _regress(cfm: CFM, params: PyTree, x0: Array, context: Array | None,
+             save_intermediates: int) -> ode.ODEResult:
+    """The regression baseline's x1 in one network evaluation, as an `ODEResult`."""
+    x1 = cfm.regress(params, x0, context)
+    one = jnp.asarray(1, jnp.int32)
+    stats = {"nfe": one, "num_steps": one, "num_accepted_steps": one,
+             "num_rejected_steps": jnp.asarray(0, jnp.int32), "success": one}
+    inter = None
+    if save_intermediates:   # the straight line of the one pass, as one Euler step's dense output
+        tau = jnp.linspace(0.0, 1.0, save_intermediates + 1).reshape((-1,) + (1,) * x0.ndim)
+        inter = x0[None] + tau * (x1 - x0)[None]
+    return ode.ODEResult(x1, stats, inter)
 
 
 def make_sample_fn(cfm: CFM, *, latents: bool = False, **sample_options: Any):
@@ -98,15 +144,41 @@ def make_sample_fn(cfm: CFM, *, latents: bool = False, **sample_options: Any):
 
 
 def solver_options(sampling: Any) -> dict[str, Any]:
-    """The solver options of a config's `sampling` block, as keyword arguments of `sample`."""
-    return {name: sampling[name] for name in ode.SolverOptions._fields}
+    """The sampler options of a config's `sampling` block, as keyword arguments of `sample`."""
+    names = (*ode.SolverOptions._fields, *sde.SDEOptions._fields, "guidance_scale")
+    return {name: sampling[name] for name in names}
 
 
 def check_config(config: Any) -> None:
-    """The rules of `config.sampling`."""
-    check_one_of(config, "sampling.solver", ode.SOLVERS)
+    """The rules of `config.sampling`, and the SDE solvers' and guidance's needs of the
+    coupling."""
+    sp, cp = config.sampling, config.coupling
+    check_one_of(config, "sampling.solver", SOLVERS)
     check_range(config, "sampling.num_steps", 1)
     check_range(config, "sampling.max_steps", 1)
+    if sp.num_points and sp.num_points < 2:
+        raise ConfigError("sampling.num_points", f"must be 0 (unset) or >= 2, got {sp.num_points}")
     for field in ("rtol", "atol", "dt0"):
-        if not config.sampling[field] > 0:
-            raise ConfigError(f"sampling.{field}", f"must be > 0, got {config.sampling[field]}")
+        if not sp[field] > 0:
+            raise ConfigError(f"sampling.{field}", f"must be > 0, got {sp[field]}")
+    if sp.solver in sde.SOLVERS:
+        _check_sde(config)
+    if sp.guidance_scale != 1.0 and cp.context_dropout <= 0:
+        raise ConfigError("sampling.guidance_scale", f"is {sp.guidance_scale}, but the model "
+                          "never learned an unconditional velocity: train with "
+                          "coupling.context_dropout > 0 (e.g. 0.1), or sample with 1.0")
+
+
+def _check_sde(config: Any) -> None:
+    """An SDE solver needs a Gaussian source (its score) and the reference's step settings."""
+    sp, cp = config.sampling, config.coupling
+    if not cp.start_from_noise and cp.noising_step <= 0:
+        raise ConfigError("coupling.noising_step", f"is {cp.noising_step}: the source is the bare "
+                          f"up-sampled latent, which has no score, so sampling.solver="
+                          f"{sp.solver!r} cannot sample it; train with a noised source "
+                          "(e.g. coupling.noising_step=400) or use an ODE solver")
+    check_one_of(config, "sampling.diffusion_form", sde.DIFFUSION_FORMS)
+    check_one_of(config, "sampling.last_step", sde.LAST_STEPS)
+    if sp.last_step != "none":
+        check_range(config, "sampling.last_step_size", 1e-6, 1.0)
+    check_range(config, "sampling.diffusion_norm", 0.0)

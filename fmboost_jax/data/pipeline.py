@@ -21,6 +21,7 @@ anti-aliased), as the model does at sampling time.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -256,51 +257,81 @@ def create_train_iterator(config: Any, process_index: int = 0, process_count: in
 
 
 # ------------------------------------------------------------------------ evaluation and checks
-def eval_images(config: Any) -> np.ndarray:
-    """The held-out images, center crops (N, S, S, 3) float32 in [-1, 1], S = `eval_crop_size`
-    or the high-res size; the same on every process. Bad files are skipped."""
-    d = config.data
-    size = d.eval_crop_size or config.high_res_size
-    if d.name == "skimage_photos":
-        return photos.eval_crops(tuple(d.eval_photos), size, d.num_eval_images)
-    if d.name == "latents":
-        if d.eval_path:                  # held-out images
+class EvalImages:
+    """The held-out images of `config.data`, streamed one at a time: center crops (S, S, 3)
+    float32 in [-1, 1], S = `data.eval_crop_size` or the high-res size, at most
+    `data.num_eval_images`, the same on every process. Bad files are skipped and logged, so
+    `len()` (what the source holds, at most num_eval_images) is an upper bound."""
+
+    def __init__(self, config: Any):
+        d = config.data
+        self.size, self.limit = d.eval_crop_size or config.high_res_size, d.num_eval_images
+        self._min_size = min_size(config)
+        self.num_items, self._item, self.description = self._source(config)
+
+    def _source(self, config: Any) -> tuple[int, Any, str]:
+        """(number of items, item(i) -> (S, S, 3) image, description)."""
+        d = config.data
+        if d.name == "skimage_photos":
+            crops = photos.eval_crops(tuple(d.eval_photos), self.size, d.num_eval_images)
+            return len(crops), crops.__getitem__, f"photos {tuple(d.eval_photos)}"
+        if d.name == "latents" and not d.eval_path:
+            return _latent_eval_items(d, self.size)
+        if d.name == "latents":           # held-out images
             src = sources.FolderSource(sources.list_images(d.eval_path))
         else:
-            return _latent_eval_images(d, size)
-    else:
-        src = image_source(config, train=False)
-    out = []
-    for i in range(len(src)):
-        if len(out) == d.num_eval_images:
-            break
-        ex = src[i]
-        try:
+            src = image_source(config, train=False)
+
+        def item(i: int) -> np.ndarray:
+            ex = src[i]
             img = images_lib.decode_rgb(ex["bytes"], ex["path"], d.max_pixels)
-            out.append(images_lib.center_crop(img, size, ex["path"], min_size(config)))
-        except images_lib.BadImage as err:
-            _skipped(str(err))
+            return images_lib.center_crop(img, self.size, ex["path"], self._min_size)
+        return len(src), item, getattr(src, "description", d.eval_path or d.path)
+
+    def __len__(self) -> int:
+        return min(self.num_items, self.limit)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        yielded = 0
+        for i in range(self.num_items):
+            if yielded == self.limit:
+                return
+            try:
+                image = self._item(i)
+            except images_lib.BadImage as err:
+                _skipped(str(err))
+                continue
+            yielded += 1
+            yield image
+
+
+def eval_images(config: Any) -> np.ndarray:
+    """The held-out images of `EvalImages(config)`, stacked (N, S, S, 3) float32 in [-1, 1];
+    ConfigError when none is usable."""
+    src = EvalImages(config)
+    out = list(src)
     if not out:
-        raise ConfigError("data", f"no usable held-out image in {getattr(src, 'description', d.path)}")
+        raise ConfigError("data", f"no usable held-out image in {src.description}")
     return np.stack(out)
 
 
-def _latent_eval_images(d: Any, size: int) -> np.ndarray:
+def _latent_eval_items(d: Any, size: int) -> tuple[int, Any, str]:
     """Held-out images that precompute_latents stored next to the records, else (with a
     warning: they are training images) the images stored in the last records."""
     held_out = sources.latent_eval_file(d.path)
     if held_out is not None:
-        stored = np.load(held_out)[:d.num_eval_images]
-        return np.stack([images_lib.center_crop(img, size) for img in stored])
+        stored = np.load(held_out, mmap_mode="r")
+        return len(stored), lambda i: images_lib.center_crop(np.asarray(stored[i]), size), held_out
     recs = sources.LatentRecordSource(d.path)
-    picked = [recs[len(recs) - 1 - i] for i in range(min(len(recs), d.num_eval_images))]
-    if not all("image" in r for r in picked):
+    picked = min(len(recs), d.num_eval_images)
+    if not all("image" in recs[len(recs) - 1 - i] for i in range(picked)):
         raise ConfigError("data.path", f"{d.path!r} holds neither held-out images "
                          f"({sources.LATENT_EVAL_FILE}) nor records with images to evaluate on; "
                          "set config.data.eval_path to a folder of held-out images")
     logging.warning("Evaluating on the images of the last %d latent records (training images): "
-                    "set config.data.eval_path for held-out ones", len(picked))
-    return np.stack([images_lib.center_crop(r["image"], size) for r in picked])
+                    "set config.data.eval_path for held-out ones", picked)
+    item = lambda i: images_lib.center_crop(recs[len(recs) - 1 - i]["image"], size)
+    return picked, item, f"the last {picked} latent records in {d.path!r}"
 
 
 def _check_latent_records(config: Any, rec: dict[str, np.ndarray]) -> None:

@@ -1,9 +1,11 @@
-"""The held-out evaluator run during training: CFM against bilinear and bicubic up-sampling.
+"""The held-out evaluator run during training: CFM against resize baselines (bilinear, bicubic).
 
 `Evaluator(cfm, config, images, mesh).run(params, fs_params, rng)` samples the held-out images'
-low-res versions with the config's sampler and scores them with PSNR and SSIM; it also returns a
-grid (bilinear | CFM | ground truth). The model samples at the held-out set's size, whatever
-size it trained at: output sizes follow the input's.
+low-res versions with the config's sampler and scores them with `config.eval.metrics` (default
+PSNR and SSIM; FID, KID and p-FID when `config.eval.inception` holds the Inception weights, as
+`evaluation.benchmark` computes them); it also returns a grid (bilinear | CFM | ground truth).
+The model samples at the held-out set's size, whatever size it trained at: output sizes follow
+the input's.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from fmboost_jax.cfm import sampling
 from fmboost_jax.cfm.model import CFM
 from fmboost_jax.cfm.upsampling import resize
 from fmboost_jax.data.images import to_uint8
-from fmboost_jax.evaluation import metrics as metrics_lib
+from fmboost_jax.evaluation import benchmark
+from fmboost_jax.models import inception
 from fmboost_jax.parallel import sharding as sharding_lib
 
 PyTree = Any
@@ -36,7 +39,8 @@ def image_grid(rows: list[list[np.ndarray]], min_tile: int = 128) -> np.ndarray:
 
 
 class Evaluator:
-    """Samples the held-out set and scores CFM, bilinear and bicubic with PSNR and SSIM.
+    """Samples the held-out set and scores CFM and `config.eval.baselines` with
+    `config.eval.metrics`.
 
     The held-out images are split over the mesh's devices in chunks of `eval_batch_size`; the
     per-image scores and the grid images come back replicated to every process.
@@ -56,6 +60,16 @@ class Evaluator:
         self.sample = functools.partial(sampling.sample, cfm, **options, throw=False)
         self.solver = f"{options['solver']} (max_steps {options['max_steps']})"
         self._run_chunk = jax.jit(self.run_chunk, out_shardings=sharding_lib.replicated(mesh))
+        e = config.eval
+        self.baselines = benchmark.eval_names(config, "baselines")
+        self.metrics = tuple(m for m in benchmark.eval_names(config, "metrics")
+                             if m in benchmark.PIXEL_METRICS)
+        self.fid_metrics = benchmark.training_fid_metrics(config)
+        # The FID family (when config.eval asks and has Inception weights) scores the
+        # predictions themselves, so they come back from the devices too.
+        self.features = benchmark.InceptionFeatures(inception.load_inception(e.inception)) \
+            if self.fid_metrics else None
+        self.fid_options = dict(num_crops=e.num_crops, crop_size=e.crop_size)
 
     def run_chunk(self, params: PyTree, fs_params: PyTree, images: jax.Array, rng: jax.Array):
         """Per-image scores, grid rows, NFE and solver success of one chunk (B, S, S, 3)."""
@@ -63,30 +77,39 @@ class Evaluator:
         out = self.sample(params, fs_params, lr, rng)
         size = images.shape[1:3]
         preds = {"cfm": jnp.clip(out.images, -1, 1)}
-        for m in ("bilinear", "bicubic"):
+        for m in self.baselines:
             preds[m] = jnp.clip(resize(lr, size, m), -1, 1)
-        scores = {f"{name}/{metric}": fn(x, images)
-                  for name, x in preds.items()
-                  for metric, fn in (("psnr", metrics_lib.psnr), ("ssim", metrics_lib.ssim))}
+        scores = {f"{name}/{metric}": benchmark.PIXEL_METRICS[metric](x, images)
+                  for name, x in preds.items() for metric in self.metrics}
         n = self.num_grid
-        grid = jnp.stack([preds["bilinear"][:n], preds["cfm"][:n], images[:n]], axis=1)
-        return scores, grid, out.stats["nfe"], out.stats["success"]
+        bilinear = jnp.clip(resize(lr[:n], size, "bilinear"), -1, 1)
+        grid = jnp.stack([bilinear, preds["cfm"][:n], images[:n]], axis=1)
+        kept = (images, preds) if self.features is not None else None
+        return scores, grid, out.stats["nfe"], out.stats["success"], kept
 
     def run(self, params: PyTree, fs_params: PyTree, rng: jax.Array) -> tuple[dict, np.ndarray]:
         """Metrics {"cfm/psnr", ..., "nfe"} and a grid (bilinear | CFM | ground truth)."""
         sums: dict[str, float] = {}
         grid, nfe = None, 0
+        fid = benchmark.FIDMetrics(self.features, ("cfm", *self.baselines), self.fid_metrics,
+                                   **self.fid_options) if self.features is not None else None
         for i, images in enumerate(self.chunks):
-            scores, g, n, ok = jax.device_get(
+            scores, g, n, ok, kept = jax.device_get(
                 self._run_chunk(params, fs_params, images, jax.random.fold_in(rng, i)))
             if not ok:
-                raise RuntimeError(f"Evaluation: the ODE solver {self.solver} did not reach t = 1 "
-                                   "(raise config.sampling.max_steps or loosen rtol/atol)")
+                raise RuntimeError(f"Evaluation: the sampler {self.solver} failed: an ODE solve "
+                                   "that did not reach t = 1 (raise config.sampling.max_steps or "
+                                   "loosen rtol/atol) or an SDE sample that is not finite (lower "
+                                   "config.sampling.diffusion_norm or take more steps)")
             for k, v in scores.items():
                 sums[k] = sums.get(k, 0.0) + float(np.sum(v))
             grid = g if grid is None else grid
             nfe = max(nfe, int(n))
+            if fid is not None:
+                fid.update(*kept)
         results = {k: v / self.num_images for k, v in sums.items()}
+        for method, values in (fid.results() if fid is not None else {}).items():
+            results.update({f"{method}/{k}": v for k, v in values.items()})
         results["nfe"] = nfe
         rows = [list(r) for r in np.asarray(grid)[:self.num_grid]]
         return results, image_grid(rows)

@@ -5,7 +5,8 @@
   saved and loaded as `.npz` files with pytorch-fid's keys `mu` and `sigma`.
 * `frechet_distance` is pytorch-fid's `calculate_frechet_distance` (scipy's `sqrtm` of
   sigma1 @ sigma2, retried with eps * I when that fails); `method="eigh"` gives the same trace
-  from the eigenvalues of sqrt(sigma1) sigma2 sqrt(sigma1).
+  from the eigenvalues of sqrt(sigma1) sigma2 sqrt(sigma1); `frechet_distance_to_samples` the
+  same from N < D features of the second set, with an (N, N) decomposition instead.
 * `kernel_inception_distance` is torch-fidelity's / torchmetrics' KID: the unbiased MMD^2 with the
   kernel (x.y / D + 1)^3 over random subsets, mean and (ddof=0) standard deviation. KID needs
   the features themselves: `FeatureBank` keeps the first `max_samples` of a stream.
@@ -217,6 +218,24 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         raise ValueError(f"frechet_distance: unknown method {method!r} (sqrtm or eigh)")
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def frechet_distance_to_samples(mu1: np.ndarray, sigma1: np.ndarray, features2: Any) -> float:
+    """The Frechet distance of (mu1 (D,), sigma1 (D, D)) and the Gaussian fitted to features
+    (N, D) (mean and unbiased covariance), without a D x D decomposition: with C the centred
+    features / sqrt(N - 1), sigma2 = C^T C, and sigma1 sigma2 has the non-zero eigenvalues of
+    the symmetric (N, N) matrix C sigma1 C^T, so tr(sqrtm(sigma1 sigma2)) is the sum of the
+    square roots of its eigenvalues (clipped at 0). Exact; O(N D^2), the fast path for N < D."""
+    x = _as_features(features2)
+    if x.shape[0] < 2:
+        raise ValueError(f"a covariance needs at least 2 features, got {x.shape[0]}")
+    mu1, sigma1 = np.asarray(mu1, np.float64), np.asarray(sigma1, np.float64)
+    mu2 = x.mean(axis=0)
+    c = (x - mu2) / np.sqrt(x.shape[0] - 1)
+    m = c @ sigma1 @ c.T
+    tr_covmean = float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None))))
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.sum(c * c) - 2 * tr_covmean)
 
 
 def fid_from_stats(a: GaussianStats | FeatureStats, b: GaussianStats | FeatureStats,

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fmboost_jax import compile_cache, paths
 from fmboost_jax import config as config_lib
-from fmboost_jax import paths
 from fmboost_jax.cfm import sampling
 from fmboost_jax.cfm.model import CFM
 from fmboost_jax.cfm.upsampling import resize
@@ -33,6 +33,7 @@ from fmboost_jax.inference import memory
 
 PyTree = Any
 CONFIG_FILE = "config.json"
+_CALL_OPTIONS = ("save_intermediates", "per_sample", "throw")   # of a call, not of the config
 
 
 @dataclasses.dataclass
@@ -55,9 +56,19 @@ class Upsampler:
         return self.cfm.upscale
 
     def options(self, **overrides: Any) -> dict[str, Any]:
-        """The sampler options: the config's `sampling` block with `overrides` (None: unset)."""
+        """The sampler options: the config's `sampling` block with `overrides` (None: unset);
+        `ConfigError` names a field the model cannot sample with (e.g. an SDE solver for a
+        model whose source has no noise)."""
         options = sampling.solver_options(self.config.sampling)
+        unknown = sorted(set(overrides) - set(options) - set(_CALL_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown sampler option(s) {', '.join(unknown)}; valid: "
+                             f"{', '.join((*options, *_CALL_OPTIONS))}")
         options.update({k: v for k, v in overrides.items() if v is not None})
+        config = self.config.copy_and_resolve_references()
+        with config.unlocked():
+            config.sampling.update({k: v for k, v in options.items() if k in config.sampling})
+        sampling.check_config(config)
         return options
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
@@ -220,7 +231,7 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{workdir!r} is not a training workdir: it has no {CONFIG_FILE}")
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        return config_lib.with_defaults(ml_collections.ConfigDict(json.load(f)))
 
 
 def _params(path: str, is_workdir: bool, cfm: CFM, step: int | None) -> PyTree:
@@ -244,7 +255,10 @@ def load_upsampler(path: str, config: Any = None, *, vae: str | None = None,
 
     `vae` overrides `config.first_stage.checkpoint`; `dtype` ("float32", "bfloat16", "auto")
     the compute dtype of the UNet and the VAE; `step` picks a checkpoint (default: the latest).
+    Turns on JAX's persistent compilation cache (`compile_cache.enable`, unless configured or
+    turned off), so that a new session compiles the boost of a known shape in seconds.
     """
+    compile_cache.enable()
     if not os.path.isdir(paths.resolve(path)):
         raise FileNotFoundError(f"model {path!r} does not exist")
     is_workdir = os.path.exists(os.path.join(paths.resolve(path), CONFIG_FILE))

@@ -104,8 +104,34 @@ class ResBlock(nn.Module):
         return x + h
 
 
+# How `softmax_attention` computes, read when a function is traced (set it before jitting):
+# "einsum" (two einsums around a float32 softmax, the default) or `jax.nn.dot_product_attention`
+# with implementation "xla" or "cudnn" (cuDNN's fused flash attention on NVIDIA GPUs; it takes
+# only bfloat16/float16, so float32 models use "xla" under "cudnn").
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
+_ATTENTION = {"implementation": "einsum"}
+
+
+def set_attention_implementation(name: str) -> str:
+    """Makes the UNet's softmax attention use `name` (one of `ATTENTION_IMPLEMENTATIONS`) in
+    everything traced from now on; returns the previous setting."""
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {name!r}; known: "
+                         f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    previous, _ATTENTION["implementation"] = _ATTENTION["implementation"], name
+    return previous
+
+
 def softmax_attention(q: Array, k: Array, v: Array) -> Array:
     """Scaled dot-product attention over (B, heads, L, d); softmax in float32."""
+    impl = _ATTENTION["implementation"]
+    if impl != "einsum":
+        if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+            impl = "xla"
+        heads_third = lambda a: jnp.swapaxes(a, 1, 2)         # (B, L, heads, d)
+        out = jax.nn.dot_product_attention(heads_third(q), heads_third(k), heads_third(v),
+                                           implementation=impl)
+        return heads_third(out)
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) * scale
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

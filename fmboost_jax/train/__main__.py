@@ -12,6 +12,7 @@ import logging as pylogging
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fmboost_jax import compile_cache
 from fmboost_jax.config import config_from_flag, run_app, user_errors_in_one_line
 from fmboost_jax.parallel import distributed
 
@@ -27,6 +28,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
                                       "Processes in the run (default: $JAX_NUM_PROCESSES).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process's id (default: $JAX_PROCESS_ID).")
+_NO_COMPILE_CACHE = flags.DEFINE_bool("no_compile_cache", False, compile_cache.FLAG_HELP)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -65,6 +67,7 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     _drop_calls_on_closed_loops()
+    compile_cache.enable(off=_NO_COMPILE_CACHE.value)
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                            _PROCESS_ID.value)
     from fmboost_jax.train.checkpointing import CheckpointError  # after the processes connect

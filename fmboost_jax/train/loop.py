@@ -64,7 +64,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if jax.process_index() == 0:
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
         (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, config)
     run = build_run(config, workdir)
     c, total, start = config, config.total_steps, int(run.state.step)
     watcher = PreemptionWatcher()
@@ -143,5 +143,7 @@ def check_config(config: Any) -> None:
         check_range(config, field, 1)
     for field in ("keep_every", "eval_batch_size"):
         check_range(config, field, 0)
+    from fmboost_jax.evaluation import benchmark
     from fmboost_jax.train import state
     state.check_config(config)
+    benchmark.check_config(config)

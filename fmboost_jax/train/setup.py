@@ -22,11 +22,12 @@ from fmboost_jax import paths
 from fmboost_jax.cfm.model import CFM
 from fmboost_jax.config import ConfigError
 from fmboost_jax.data import pipeline as data_pipeline
+from fmboost_jax.evaluation import benchmark
 from fmboost_jax.evaluation.evaluator import Evaluator
 from fmboost_jax.first_stage.vae import RANDOM_WEIGHTS, missing_checkpoint_message
 from fmboost_jax.models.layers import count_params
 from fmboost_jax.parallel import sharding as sharding_lib
-from fmboost_jax.train import checkpointing
+from fmboost_jax.train import checkpointing, wandb_logging
 from fmboost_jax.train.meter import Meter, flops_of, peak_tflops
 from fmboost_jax.train.state import TrainState, create_train_state, make_optimizer
 from fmboost_jax.train.step import make_train_step
@@ -52,9 +53,12 @@ def check_resources(config: ml_collections.ConfigDict) -> None:
 
 
 def startup_checks(config: ml_collections.ConfigDict) -> None:
-    """Files, devices and data, checked together before any work is done."""
+    """Files, devices, data and the evaluation's Inception weights, checked together before any
+    work is done."""
+    wandb_logging.check_installed(config)
     check_resources(config)
     data_pipeline.check_data(config)
+    benchmark.check_resources(config)
 
 
 @dataclasses.dataclass

@@ -63,3 +63,16 @@ def test_invalid_couplings_name_the_field():
     with pytest.raises(ConfigError, match=r"config\.coupling\.upsampling_mode"):
         from fmboost_jax.cfm.coupling import check_config
         check_config(c)
+
+
+@pytest.mark.parametrize("fields", [dict(noising_step=400), dict(start_from_noise=True),
+                                    dict(noising_step=-1)])
+def test_the_source_is_gaussian_with_the_mean_and_std_the_sde_score_assumes(fields):
+    c = coupling(**fields)
+    z_up = jax.random.uniform(jax.random.PRNGKey(0), (4, 32, 32, 4), minval=-1, maxval=1)
+    x0, _ = c(z_up, None, jax.random.PRNGKey(1))
+    residual = np.asarray(x0 - c.source_mean(z_up))
+    assert abs(residual.mean()) < 0.02
+    np.testing.assert_allclose(residual.std(), c.source_std, atol=0.02)
+    if fields.get("noising_step", 0) > 0:
+        assert c.source_std == pytest.approx(np.sqrt(1 - noising.alpha_bar_at(400)))

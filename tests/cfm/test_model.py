@@ -89,3 +89,39 @@ def test_latent_sizes_follow_the_input_and_unsuitable_sizes_are_named():
     assert cfm.latent_size((96, 128)) == (12, 16)
     with pytest.raises(ValueError, match=r"output size 72x72 px is not a multiple of 16"):
         cfm.latent_size((72, 72))
+
+
+def test_the_regression_baseline_predicts_x1_in_one_pass_with_the_same_unet(images):
+    c = tiny_pixel_config()
+    cfm_model = CFM.from_config(c)
+    from fmboost_jax.config import as_regression
+    as_regression(c)
+    validate(c)
+    reg = CFM.from_config(c)
+    params = reg.init_params(jax.random.PRNGKey(0))
+    count = lambda p: sum(x.size for x in jax.tree.leaves(p))
+    assert count(params) == count(cfm_model.init_params(jax.random.PRNGKey(0)))
+    batch, key = {"image": images[16]}, jax.random.PRNGKey(1)
+    x0, x1, ctx = reg.prepare({}, batch, jax.random.split(key, 3)[0])
+    np.testing.assert_array_equal(x0, ctx)                    # the clean up-sampled image
+    # the zero output layer: the prediction is the up-sampled image, the loss their MSE
+    np.testing.assert_allclose(reg.loss(params, {}, batch, key), jnp.mean((x0 - x1) ** 2),
+                               rtol=1e-6)
+    params = jax.tree.map(lambda p: p + 0.01, params)
+    want = jnp.mean((x0 + reg.velocity(params, x0, jnp.zeros(2), ctx) - x1) ** 2)
+    np.testing.assert_allclose(reg.loss(params, {}, batch, key, train=False), want, rtol=1e-5)
+
+    from fmboost_jax.cfm.sampling import make_sample_fn
+    lowres = reg.lowres_images(images[16])
+    out = make_sample_fn(reg, solver="dopri5", save_intermediates=2)(params, {}, lowres, key)
+    assert int(out.stats["nfe"]) == 1 and out.intermediates.shape == (3, 2, 16, 16, 3)
+    x0s, _, ctxs = reg.couple({}, LowRes(images=lowres), (16, 16), key)
+    np.testing.assert_allclose(out.images, reg.regress(params, x0s, ctxs), atol=1e-6)
+
+
+def test_a_regression_model_takes_the_clean_latent():
+    c = config("lhq:smoke")
+    c.objective = "regression"                              # noising_step 400 left on
+    with pytest.raises(ConfigError, match="config.coupling.noising_step"):
+        validate(c)
+    validate(config("lhq:smoke,regression"))

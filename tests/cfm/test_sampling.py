@@ -76,3 +76,99 @@ def test_sampling_params_prefer_ema():
                        opt_state=None, rng=None)
     assert sampling_params(state) == {"w": 2}
     assert sampling_params(state, use_ema=False) == {"w": 1}
+
+
+@pytest.fixture(scope="module")
+def noised():
+    """The tiny model with the paper's coupling (source noised at step 400), small random
+    weights (v != 0)."""
+    from support import tiny_pixel_config
+    config = tiny_pixel_config()
+    config.coupling.update(noising_step=400, context_dropout=0.1)
+    cfm = CFM.from_config(config)
+    params = jax.tree.map(lambda p: p + 0.01, cfm.init_params(jax.random.PRNGKey(0)))
+    return config, cfm, params
+
+
+@pytest.mark.parametrize("solver,nfe", [("euler_maruyama", 3 + 1), ("sde_heun", 2 * 3 + 1)])
+def test_sde_solvers_sample_the_noised_coupling(noised, lowres, solver, nfe):
+    _, cfm, params = noised
+    sample = make_sample_fn(cfm, solver=solver, num_steps=3, save_intermediates=2)
+    out = sample(params, {}, lowres, jax.random.PRNGKey(0))
+    assert out.images.shape == (2, 16, 16, 3) and int(out.stats["nfe"]) == nfe
+    assert int(out.stats["success"]) == 1 and out.intermediates.shape == (3, 2, 16, 16, 3)
+    again = sample(params, {}, lowres, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(out.images, again.images)      # explicit keys
+    other = sample(params, {}, lowres, jax.random.PRNGKey(1))
+    assert float(jnp.max(jnp.abs(out.images - other.images))) > 1e-3
+
+
+def test_num_points_is_the_references_time_point_convention(cfm_and_params, lowres):
+    cfm, params = cfm_and_params
+    params = jax.tree.map(lambda p: p + 0.01, params)
+    key = jax.random.PRNGKey(0)
+    by_points = make_sample_fn(cfm, solver="rk4", num_points=40)(params, {}, lowres, key)
+    by_steps = make_sample_fn(cfm, solver="rk4", num_steps=39)(params, {}, lowres, key)
+    np.testing.assert_array_equal(by_points.images, by_steps.images)
+    assert int(by_points.stats["nfe"]) == 156          # the reference's validation sampler
+
+
+def test_guidance_scale_one_is_plain_conditional_sampling(noised, lowres):
+    _, cfm, params = noised
+    key = jax.random.PRNGKey(0)
+    for solver in ("heun", "euler_maruyama"):
+        plain = make_sample_fn(cfm, solver=solver, num_steps=2)(params, {}, lowres, key)
+        guided = make_sample_fn(cfm, solver=solver, num_steps=2, guidance_scale=1.0)(
+            params, {}, lowres, key)
+        np.testing.assert_array_equal(plain.images, guided.images)
+        assert int(plain.stats["nfe"]) == int(guided.stats["nfe"])
+
+
+def test_guidance_mixes_both_velocities_in_one_doubled_evaluation(noised, lowres):
+    _, cfm, params = noised
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 16, 16, 3))
+    ctx = jax.random.normal(jax.random.PRNGKey(3), (2, 16, 16, 3))
+    t = jnp.float32(0.3)
+    v_c = cfm.velocity(params, x, t, ctx)
+    v_u = cfm.velocity(params, x, t, jnp.zeros_like(ctx))
+    assert float(jnp.max(jnp.abs(v_c - v_u))) > 1e-4
+    for w in (0.0, 2.5):
+        np.testing.assert_allclose(cfm.guided_velocity(params, x, t, ctx, w),
+                                   v_u + w * (v_c - v_u), rtol=1e-5, atol=1e-5)
+    out = make_sample_fn(cfm, solver="heun", num_steps=2, guidance_scale=2.0)(
+        params, {}, lowres, jax.random.PRNGKey(0))
+    assert int(out.stats["nfe"]) == 2 * 4               # both halves counted
+
+
+def test_context_dropout_zeroes_whole_contexts_at_its_rate(noised):
+    _, cfm, _ = noised
+    ctx = jnp.ones((2000, 2, 2, 3))
+    dropped = cfm.coupling.drop_context(ctx, jax.random.PRNGKey(0))
+    per_sample = np.asarray(dropped).reshape(2000, -1)
+    assert set(np.unique(per_sample.min(1))) <= {0.0, 1.0}           # whole samples
+    assert np.array_equal(per_sample.min(1), per_sample.max(1))
+    assert abs(float((per_sample[:, 0] == 0).mean()) - 0.1) < 0.03
+
+
+def test_context_dropout_trains_on_the_zero_context(noised):
+    config, _, params = noised
+    batch = {"image": jax.random.uniform(jax.random.PRNGKey(4), (4, 16, 16, 3), minval=-1,
+                                         maxval=1)}
+    key = jax.random.PRNGKey(5)
+    config = config.copy_and_resolve_references()
+    config.coupling.context_dropout = 0.999999                  # every context dropped
+    always = CFM.from_config(config)
+    zero_ctx = lambda p, fs, b, r: always.loss(p, fs, b, r)
+    config.coupling.context_dropout = 0.0
+    never = CFM.from_config(config)
+    loss_dropped = float(zero_ctx(params, {}, batch, key))
+    assert loss_dropped != float(never.loss(params, {}, batch, key))
+    # the same loss as a model whose velocity sees zeros for a context
+    x0, x1, ctx = never.prepare({}, batch, jax.random.split(key, 3)[0])
+    from fmboost_jax.cfm import flow
+    v = lambda x, t: never.velocity(params, x, t, jnp.zeros_like(ctx), train=True,
+                                    rng=jax.random.split(key, 3)[2])
+    want = flow.flow_matching_loss(v, never.path, x0, x1, jax.random.split(key, 3)[1])
+    np.testing.assert_allclose(loss_dropped, float(want), rtol=1e-6)
+    assert float(never.loss(params, {}, batch, key, train=False)) == float(
+        always.loss(params, {}, batch, key, train=False))         # evaluation keeps the context

@@ -1,5 +1,6 @@
 """Boosts a batch of 3 with the batch split over 8 fake CPU devices and on one device; prints the
-largest difference. Run by tests/inference/test_upsampler.py in a fresh process:
+largest difference; then the same for an SDE sampler of the noised coupling, on the padded batch.
+Run by tests/inference/test_upsampler.py in a fresh process:
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/inference/split_over_devices.py
 """
 
@@ -29,3 +30,11 @@ assert out.images.shape == (3, 16, 16, 3), out.images.shape
 split = _split_over_local_devices(lowres)               # padded to 8, one row per device
 print("RESULT", jax.local_device_count(), len(split.sharding.device_set), split.shape[0],
       float(np.abs(np.asarray(out.images) - np.asarray(one.images)).max()))
+
+config.coupling.noising_step = 400                       # the paper's coupling: SDEs apply
+cfm = CFM.from_config(config)
+sde_fn = make_sample_fn(cfm, solver="sde_heun", num_steps=2)
+sharded = sde_fn(params, {}, split, jax.random.PRNGKey(1))
+single = sde_fn(params, {}, np.asarray(split), jax.random.PRNGKey(1))
+print("SDE", len(sharded.images.sharding.device_set),
+      float(np.abs(np.asarray(sharded.images) - np.asarray(single.images)).max()))

@@ -55,6 +55,13 @@ def test_bad_models_and_inputs_are_named(tiny_workdir, tmp_path):
     up = load_upsampler(tiny_workdir)
     with pytest.raises(ValueError, match=r"\(B, h, w, 3\)"):
         up(np.zeros((4, 4, 3)))
+    x = np.zeros((1, 4, 4, 3))
+    with pytest.raises(ValueError, match="config.coupling.noising_step"):   # no noise: no SDE
+        up(x, solver="euler_maruyama")
+    with pytest.raises(ValueError, match="config.sampling.guidance_scale"):  # no dropout
+        up(x, guidance_scale=3.0)
+    with pytest.raises(ValueError, match="unknown sampler option.*num_stpes"):
+        up(x, num_stpes=3)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +131,8 @@ def test_a_batch_is_split_over_the_local_devices_with_the_single_device_result()
     row = next(r for r in proc.stdout.splitlines() if r.startswith("RESULT")).split()
     devices, used, padded, diff = int(row[1]), int(row[2]), int(row[3]), float(row[4])
     assert (devices, used, padded) == (8, 8, 8) and diff <= 1e-5
+    row = next(r for r in proc.stdout.splitlines() if r.startswith("SDE")).split()
+    assert int(row[1]) == 8 and float(row[2]) <= 1e-5        # sharded SDE sample, same noise
 
 
 def test_large_outputs_code_through_the_vae_tiles_close_to_whole_image_coding(smoke_params, smoke):

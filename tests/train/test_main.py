@@ -19,10 +19,14 @@ def _train(tmp_path, *flags):
 
 @pytest.mark.slow
 def test_the_demo_config_runs_end_to_end_from_the_command_line(tmp_path):
+    """With the paper's coupling (noised source) and an SDE sampler for its evaluation."""
     workdir = tmp_path / "demo"
-    proc = _train(tmp_path, "--config=configs/demo.py:smoke", f"--workdir={workdir}")
+    proc = _train(tmp_path, "--config=configs/demo.py:smoke", f"--workdir={workdir}",
+                  "--config.coupling.noising_step=400", "--config.sampling.solver=euler_maruyama")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.load(open(workdir / "eval.json"))
+    assert result["sampler"]["solver"] == "euler_maruyama"
+    assert result["nfe"] == 2 + 1                     # 2 steps and the last step
     for key in ("cfm/psnr", "cfm/ssim", "bilinear/psnr", "bilinear/ssim", "bicubic/psnr",
                 "bicubic/ssim", "nfe"):
         assert np.isfinite(result[key]), key
@@ -45,6 +49,15 @@ def test_a_missing_vae_checkpoint_is_one_line_saying_how_to_make_it(tmp_path):
     assert not workdir.exists()                       # nothing written before the check
 
 
+def test_an_sde_solver_for_the_demos_own_coupling_is_refused_before_training(tmp_path):
+    workdir = tmp_path / "demo"
+    proc = _train(tmp_path, "--config=configs/demo.py:smoke", f"--workdir={workdir}",
+                  "--config.sampling.solver=euler_maruyama")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: config.coupling.noising_step: is -1" in proc.stderr
+    assert not workdir.exists()
+
+
 def test_missing_data_is_one_line_naming_the_path(tmp_path):
     proc = _train(tmp_path, "--config=configs/demo.py:smoke", f"--workdir={tmp_path / 'run'}",
                   "--config.data.name=folder", f"--config.data.path={tmp_path / 'nowhere'}")
@@ -58,7 +71,7 @@ def test_every_console_script_names_a_function_of_its_module():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
     assert set(scripts) == {"fmboost-train", "fmboost-convert", "fmboost-precompute",
-                            "fmboost-prepare", "fmboost-upsample"}
+                            "fmboost-prepare", "fmboost-upsample", "fmboost-evaluate"}
     for target in scripts.values():      # read, not imported: each module defines absl flags
         module, _, name = target.partition(":")
         with open(importlib.util.find_spec(module).origin) as f:

@@ -1,0 +1,99 @@
+"""The demo judged on photos it never saw: CFM, the regression baseline, bilinear and bicubic.
+
+    python -m fmboost_jax.train --config=configs/demo.py --workdir=runs/demo
+    python -m fmboost_jax.train --config=configs/demo.py:regression --workdir=runs/demo_regression
+    python benchmarks/held_out.py --model runs/demo --regression runs/demo_regression
+
+For each held-out photo (none of them is in `configs/demo.py`'s training photos, and none was
+used to choose a setting), scores PSNR and SSIM at two sizes: `--crops` fixed 32² crops
+(the training size) and the whole photo (centre-cropped to the largest size the model makes).
+The low-res input is made as in training (`Upsampler.downsample`). Prints one Markdown row per
+photo and size, and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmboost_jax import load_upsampler
+from fmboost_jax.cfm.upsampling import resize
+from fmboost_jax.data.photos import eval_crops, load_photo
+from fmboost_jax.evaluation import metrics
+from fmboost_jax.inference.upsampler import largest_output
+
+HELD_OUT = ("stereo_motorcycle", "camera", "coins", "moon", "clock")
+
+
+def machine() -> str:
+    names = [r.split(":", 1)[1].strip() for r in open("/proc/cpuinfo")
+             if r.startswith("model name")] if os.path.exists("/proc/cpuinfo") else []
+    cpu = names[0] if names else platform.machine()
+    return f"machine: {jax.devices()[0].device_kind} ({cpu}), {os.cpu_count()} cores"
+
+
+def whole(up, name: str) -> np.ndarray:
+    """The photo centre-cropped to the largest output the model makes, (1, H, W, 3)."""
+    img = load_photo(name)
+    h, w = largest_output(up, *img.shape[:2])
+    top, left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
+    return img[None, top:top + h, left:left + w]
+
+
+def scores(pred: jax.Array, truth: jax.Array) -> tuple[float, float]:
+    pred = jnp.clip(pred, -1, 1)
+    return float(metrics.psnr(pred, truth).mean()), float(metrics.ssim(pred, truth).mean())
+
+
+def row(models: dict, truth: np.ndarray, seed: int) -> dict[str, tuple[float, float]]:
+    """PSNR/SSIM of every model and of bilinear and bicubic on one set of ground truth."""
+    truth = jnp.asarray(truth)
+    first = next(iter(models.values()))
+    lowres = first.downsample(truth)
+    out = {name: scores(up(lowres, jax.random.PRNGKey(seed)).images, truth)
+           for name, up in models.items()}
+    for mode in ("bilinear", "bicubic"):
+        out[mode] = scores(resize(lowres, truth.shape[1:3], mode), truth)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="runs/demo", help="the CFM workdir")
+    ap.add_argument("--regression", default="runs/demo_regression",
+                    help="the regression baseline's workdir ('' to leave it out)")
+    ap.add_argument("--photos", default=",".join(HELD_OUT))
+    ap.add_argument("--crops", type=int, default=32, help="32² crops per photo")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    print(machine())
+    models = {"cfm": load_upsampler(args.model)}
+    if args.regression:
+        models["regression"] = load_upsampler(args.regression)
+    size = models["cfm"].config.high_res_size
+    start = time.perf_counter()
+    names = list(models) + ["bilinear", "bicubic"]
+    print("\n| photo | size | " + " | ".join(f"{n} PSNR / SSIM" for n in names) + " |")
+    print("|---|---|" + "---:|" * len(names))
+    for photo in args.photos.split(","):
+        for label, truth in ((f"{args.crops} crops {size}²", eval_crops((photo,), size, args.crops)),
+                             (None, whole(models["cfm"], photo))):
+            label = label or f"whole {truth.shape[1]}x{truth.shape[2]}"
+            r = row(models, truth, args.seed)
+            best = max(r[n][0] for n in names)
+            cells = [f"{'**' if r[n][0] == best else ''}{r[n][0]:.2f}"
+                     f"{'**' if r[n][0] == best else ''} / {r[n][1]:.3f}" for n in names]
+            print(f"| {photo} | {label} | " + " | ".join(cells) + " |", flush=True)
+    print(f"\n{time.perf_counter() - start:.0f} s; sampler of each model: its config's "
+          f"({models['cfm'].options()['solver']}, {models['cfm'].options()['num_steps']} steps)")
+
+
+if __name__ == "__main__":
+    main()

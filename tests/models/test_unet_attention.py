@@ -1,0 +1,62 @@
+"""Tests of the UNet's attention switch (`unet.set_attention_implementation`)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmboost_jax.config import base_config
+from fmboost_jax.models import unet as unet_lib
+
+
+def _randomised_small_unet():
+    """A small UNet with attention at its one level and in the middle, every parameter random
+    (the zero-initialised output convs included, so that the output depends on the attention),
+    and its inputs."""
+    fields = dict(base_config().unet.to_dict(), model_channels=32, num_res_blocks=1,
+                  attention_resolutions=(1,), channel_mult=(1,), dim_head=16, num_heads=2)
+    model = unet_lib.EfficientUNet(**fields)
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    x, ctx = jax.random.normal(k[0], (2, 8, 8, 4)), jax.random.normal(k[1], (2, 8, 8, 4))
+    t = jax.random.uniform(k[2], (2,))
+    params = model.init(k[3], x, t, ctx)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    noisy = [a + 0.1 * jax.random.normal(r, a.shape) for a, r in zip(leaves, keys)]
+    return model, jax.tree.unflatten(tree, noisy), (x, t, ctx)
+
+
+def _output(model, params, inputs, implementation: str) -> np.ndarray:
+    previous = unet_lib.set_attention_implementation(implementation)
+    try:
+        return np.asarray(model.apply(params, *inputs))   # traced anew: op by op
+    finally:
+        unet_lib.set_attention_implementation(previous)
+
+
+def test_dot_product_attention_matches_einsum_attention_in_float32():
+    model, params, inputs = _randomised_small_unet()
+    reference = _output(model, params, inputs, "einsum")
+    assert np.abs(reference).max() > 0.1
+    for implementation in ("xla", "cudnn"):   # "cudnn" is "xla" for float32
+        np.testing.assert_allclose(_output(model, params, inputs, implementation), reference,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_attention_function_matches_for_each_head_layout():
+    k = jax.random.split(jax.random.PRNGKey(2), 3)
+    q, kk, v = (jax.random.normal(r, (2, 3, 10, 8)) for r in k)   # (B, heads, L, d)
+    expected = unet_lib.softmax_attention(q, kk, v)
+    previous = unet_lib.set_attention_implementation("xla")
+    try:
+        got = unet_lib.softmax_attention(q, kk, v)
+    finally:
+        unet_lib.set_attention_implementation(previous)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert got.shape == q.shape and got.dtype == jnp.float32
+
+
+def test_unknown_implementation_is_refused_and_the_default_is_einsum():
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+        unet_lib.set_attention_implementation("flash")
+    assert unet_lib.set_attention_implementation("einsum") == "einsum"
