@@ -159,11 +159,17 @@ _preprocess = jax.jit(inception.preprocess)
 class InceptionFeatures:
     """Inception pool3 features of images in [0, 1], any size: `features(images)` (B, H, W, 3)
     -> (B, 2048) float32; `features.many([a, b])` for several arrays in one pass. Inputs are
-    resized to 299² and run through the network in chunks of `batch` (default `INCEPTION_BATCH`;
-    the last chunk padded)."""
+    resized to 299² and run through the network in chunks of `batch` (default `INCEPTION_BATCH`,
+    rounded up to a multiple of the local devices, which each chunk is split over; the last
+    chunk padded)."""
 
     def __init__(self, variables: inception.Variables, batch: int | None = None):
-        self.variables, self.batch = jax.device_put(variables), batch or INCEPTION_BATCH
+        devices = jax.local_devices()
+        mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+        self.variables = jax.device_put(variables, jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec()))
+        self.split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+        self.batch = -(-(batch or INCEPTION_BATCH) // len(devices)) * len(devices)
 
     def __call__(self, images: Any) -> np.ndarray:
         return self.many([images])[0]
@@ -173,8 +179,9 @@ class InceptionFeatures:
         x = jnp.concatenate([_preprocess(jnp.asarray(g, jnp.float32)) for g in groups])
         n, pad = x.shape[0], -x.shape[0] % self.batch
         x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
-        feats = np.concatenate([np.asarray(_network(self.variables, x[i:i + self.batch]))
-                                for i in range(0, x.shape[0], self.batch)])[:n]
+        chunks = (jax.device_put(x[i:i + self.batch], self.split)
+                  for i in range(0, x.shape[0], self.batch))
+        feats = np.concatenate([np.asarray(_network(self.variables, c)) for c in chunks])[:n]
         return np.split(feats, np.cumsum([len(g) for g in groups])[:-1])
 
 

@@ -1,5 +1,6 @@
 """Boosts a batch of 3 with the batch split over 8 fake CPU devices and on one device; prints the
-largest difference; then the same for an SDE sampler of the noised coupling, on the padded batch.
+largest difference; then the same for an SDE sampler of the noised coupling, on the padded batch,
+and for the FID Inception's features (a random-weight network).
 Run by tests/inference/test_upsampler.py in a fresh process:
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/inference/split_over_devices.py
 """
@@ -16,7 +17,9 @@ from support import tiny_pixel_config
 
 from fmboost_jax.cfm.model import CFM
 from fmboost_jax.cfm.sampling import make_sample_fn
+from fmboost_jax.evaluation.benchmark import InceptionFeatures, _network, _preprocess
 from fmboost_jax.inference.upsampler import Upsampler, _split_over_local_devices
+from fmboost_jax.models import inception
 
 config = tiny_pixel_config()
 config.unet.update(channel_mult=(1,), attention_resolutions=())   # compiles fastest
@@ -38,3 +41,11 @@ sharded = sde_fn(params, {}, split, jax.random.PRNGKey(1))
 single = sde_fn(params, {}, np.asarray(split), jax.random.PRNGKey(1))
 print("SDE", len(sharded.images.sharding.device_set),
       float(np.abs(np.asarray(sharded.images) - np.asarray(single.images)).max()))
+
+variables = inception.init_variables(jax.random.PRNGKey(2))
+images = np.random.default_rng(1).uniform(0, 1, (5, 40, 40, 3)).astype(np.float32)
+features = InceptionFeatures(variables, batch=3)          # rounded up to 8: one padded chunk
+split = features(images)
+alone = np.asarray(_network(variables, _preprocess(images)))
+print("INCEPTION", features.batch, len(features.split.device_set),
+      float(np.abs(split - alone).max() / np.abs(alone).max()))

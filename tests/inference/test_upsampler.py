@@ -133,6 +133,8 @@ def test_a_batch_is_split_over_the_local_devices_with_the_single_device_result()
     assert (devices, used, padded) == (8, 8, 8) and diff <= 1e-5
     row = next(r for r in proc.stdout.splitlines() if r.startswith("SDE")).split()
     assert int(row[1]) == 8 and float(row[2]) <= 1e-5        # sharded SDE sample, same noise
+    row = next(r for r in proc.stdout.splitlines() if r.startswith("INCEPTION")).split()
+    assert (int(row[1]), int(row[2])) == (8, 8) and float(row[3]) <= 1e-5   # sharded features
 
 
 def test_large_outputs_code_through_the_vae_tiles_close_to_whole_image_coding(smoke_params, smoke):
