@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,14 +60,6 @@ def run_case(args: argparse.Namespace) -> dict:
             "device": device.device_kind}
 
 
-def machine() -> str:
-    cpu = "?"
-    if os.path.exists("/proc/cpuinfo"):
-        cpu = next((row.split(":", 1)[1].strip() for row in open("/proc/cpuinfo")
-                    if row.startswith("model name")), "?")
-    return f"machine: cpu='{cpu}' cores={os.cpu_count()} python={platform.python_version()}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,7 +75,7 @@ def main() -> None:
     if args.size:
         print("RESULT " + json.dumps(run_case(args)))
         return
-    print(machine())
+    print(describe(devices=False))   # the cases run in child processes
     for size in [int(s) for s in args.sizes.split(",")]:
         cmd = [sys.executable, __file__, f"--size={size}", f"--nfe={args.nfe}",
                f"--solver={args.solver}", f"--tile={args.tile}", f"--dtype={args.dtype}",

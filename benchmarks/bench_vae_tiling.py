@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -65,19 +65,6 @@ def run_case(args: argparse.Namespace) -> dict:
             "device": f"{device.platform}:{device.device_kind}"}
 
 
-def machine() -> str:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or cpu
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"cpu='{cpu}' cores={os.cpu_count()} memory={mem:.0f} GiB"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1024,2048", help="image sizes in pixels")
@@ -99,7 +86,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_case(args)), flush=True)
         return
 
-    print(f"machine: {machine()}")
+    print(describe(devices=False))   # the cases run in child processes
     print(f"preset={args.preset} dtype={args.dtype} tile={args.tile} overlap={args.overlap} "
           f"shared_stats={args.shared_stats} repeats={args.repeats}")
     results = {}

@@ -14,13 +14,12 @@ photo and size, and the machine.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from machine import describe
 
 from fmboost_jax import load_upsampler
 from fmboost_jax.cfm.upsampling import resize
@@ -29,13 +28,6 @@ from fmboost_jax.evaluation import metrics
 from fmboost_jax.inference.upsampler import largest_output
 
 HELD_OUT = ("stereo_motorcycle", "camera", "coins", "moon", "clock")
-
-
-def machine() -> str:
-    names = [r.split(":", 1)[1].strip() for r in open("/proc/cpuinfo")
-             if r.startswith("model name")] if os.path.exists("/proc/cpuinfo") else []
-    cpu = names[0] if names else platform.machine()
-    return f"machine: {jax.devices()[0].device_kind} ({cpu}), {os.cpu_count()} cores"
 
 
 def whole(up, name: str) -> np.ndarray:
@@ -73,7 +65,7 @@ def main() -> None:
     ap.add_argument("--crops", type=int, default=32, help="32² crops per photo")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    print(machine())
+    print(describe())
     models = {"cfm": load_upsampler(args.model)}
     if args.regression:
         models["regression"] = load_upsampler(args.regression)

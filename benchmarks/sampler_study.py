@@ -14,13 +14,12 @@ model trained with context dropout. Saves a plot of PSNR and SSIM against NFE (m
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from machine import describe
 
 from fmboost_jax import load_upsampler
 from fmboost_jax.cfm.upsampling import resize
@@ -36,14 +35,6 @@ SWEEP = (  # (label, sampler options)
     *[("euler_maruyama", dict(solver="euler_maruyama", num_steps=n)) for n in (2, 4, 8, 16, 32)],
     *[("sde_heun", dict(solver="sde_heun", num_steps=n)) for n in (1, 2, 4, 8, 16)],
 )
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        names = [r.split(":", 1)[1].strip() for r in open("/proc/cpuinfo") if r.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return f"machine: {jax.devices()[0].device_kind} ({cpu}), {os.cpu_count()} cores, jax {jax.__version__}"
 
 
 def score(up, lowres: jax.Array, truth: jax.Array, options: dict, seed: int) -> dict:
@@ -95,7 +86,7 @@ def main() -> None:
     ap.add_argument("--plot", default="", help="write the plot here (PNG)")
     args = ap.parse_args()
 
-    print(machine())
+    print(describe())
     up = load_upsampler(args.model)
     truth = np.concatenate([eval_crops((p,), args.crop, args.crops_per_photo)
                             for p in args.photos.split(",")])
