@@ -11,8 +11,8 @@ The directory is `$FMBOOST_COMPILE_CACHE` when set (`off`, `0`, `false`, `no` or
 cache off), else `$XDG_CACHE_HOME/fmboost_jax/jax` (`~/.cache/fmboost_jax/jax`). A cache directory
 configured otherwise (`jax.config.update("jax_compilation_cache_dir", ...)`, or
 `$JAX_COMPILATION_CACHE_DIR`) is left as it is. Programs that compile in under a second are not
-written (`jax_persistent_cache_min_compile_time_secs`, unless set otherwise), and neither are
-programs with host callbacks: the sampler's diffrax checks are such, unless `EQX_ON_ERROR=nan` is
+written (JAX's `jax_persistent_cache_min_compile_time_secs`), and neither are programs with host
+callbacks: the sampler's diffrax checks are such, unless `EQX_ON_ERROR=nan` is
 set before equinox is imported (see `benchmarks/compile_time.py`).
 """
 
@@ -23,8 +23,6 @@ import os
 
 ENV_VAR = "FMBOOST_COMPILE_CACHE"
 OFF_VALUES = frozenset({"off", "0", "false", "no", "none"})
-MIN_COMPILE_TIME_SECS = 1.0
-_JAX_DEFAULT_MIN_COMPILE_TIME_SECS = 1.0
 _state = {"off": False}       # set by `enable(off=True)`: later calls leave the cache off
 
 logger = logging.getLogger(__name__)
@@ -51,26 +49,27 @@ def configured_dir() -> str | None:
     return jax.config.jax_compilation_cache_dir or None
 
 
-def enable(path: str | None = None, *, off: bool = False,
-           min_compile_time_secs: float = MIN_COMPILE_TIME_SECS) -> str | None:
+def enable(path: str | None = None, *, off: bool = False) -> str | None:
     """Turns the persistent compilation cache on (see the module docstring) and returns its
     directory, or None when it stays off.
 
-    An already configured directory is kept (and returned). `off=True` leaves the cache off for
-    this process: later calls (e.g. `load_upsampler` inside a command run with
-    `--no_compile_cache`) do nothing. Call it before the programs to cache are compiled.
+    An already configured directory is kept (and returned). `off=True` turns the cache off for
+    this process, a configured one included, and later calls (e.g. `load_upsampler` inside a
+    command run with `--no_compile_cache`) leave it off. Call it before the programs to cache
+    are compiled.
     """
+    import jax  # here: the command lines' --help stays fast
     if off:
         _state["off"] = True
+        jax.config.update("jax_enable_compilation_cache", False)
+    if _state["off"]:
+        return None
     if configured_dir():
         return configured_dir()
-    target = None if _state["off"] else requested_dir(path)
+    target = requested_dir(path)
     if target is None:
         return None
-    import jax
     jax.config.update("jax_compilation_cache_dir", target)
-    if jax.config.jax_persistent_cache_min_compile_time_secs == _JAX_DEFAULT_MIN_COMPILE_TIME_SECS:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_secs)
     logger.info("JAX compilation cache: %s (%s=off turns it off)", target, ENV_VAR)
     return target
 

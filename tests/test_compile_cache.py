@@ -1,7 +1,6 @@
 """Tests of fmboost_jax/compile_cache.py: where the cache goes, the off switches, and that a
 configured cache directory is never replaced (no compilation)."""
 
-import os
 
 import jax
 import pytest
@@ -14,22 +13,19 @@ def unconfigured(monkeypatch, tmp_path):
     """No cache directory configured (the tests' own is restored afterwards), no env var, and
     the user's cache directory under `tmp_path`."""
     saved = jax.config.jax_compilation_cache_dir
-    saved_min = jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_compilation_cache_dir", None)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     monkeypatch.delenv(compile_cache.ENV_VAR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setitem(compile_cache._state, "off", False)
     yield tmp_path
     jax.config.update("jax_compilation_cache_dir", saved)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved_min)
+    jax.config.update("jax_enable_compilation_cache", True)
 
 
 def test_default_is_the_users_cache_directory(unconfigured):
     expected = str(unconfigured / "xdg" / "fmboost_jax" / "jax")
     assert compile_cache.enable() == expected
     assert jax.config.jax_compilation_cache_dir == expected
-    assert jax.config.jax_persistent_cache_min_compile_time_secs == 1.0
 
 
 def test_without_xdg_cache_home_it_is_under_home(unconfigured, monkeypatch):
@@ -72,15 +68,11 @@ def test_a_configured_directory_is_not_replaced(unconfigured, monkeypatch):
     assert jax.config.jax_compilation_cache_dir == str(unconfigured / "configured")
 
 
-def test_a_changed_minimum_compile_time_is_kept(unconfigured):
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 5.0)
-    compile_cache.enable()
-    assert jax.config.jax_persistent_cache_min_compile_time_secs == 5.0
-
-
-def test_the_tests_cache_is_configured_and_passed_to_subprocesses():
-    assert compile_cache.enable() == jax.config.jax_compilation_cache_dir
-    assert compile_cache.ENV_VAR in os.environ       # conftest's default, or the caller's
+def test_off_also_turns_a_configured_cache_off(unconfigured):
+    jax.config.update("jax_compilation_cache_dir", str(unconfigured / "configured"))
+    assert compile_cache.enable(off=True) is None
+    assert not jax.config.jax_enable_compilation_cache
+    assert compile_cache.enable() is None
 
 
 def test_upsample_command_has_the_off_flag():

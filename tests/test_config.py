@@ -199,6 +199,23 @@ def test_an_sde_solver_needs_a_noised_source(tiny_config):
     _assert_invalid(tiny_config, "config.sampling.last_step")
     tiny_config.sampling.update(last_step="Mean", last_step_size=1.0)
     _assert_invalid(tiny_config, "config.sampling.last_step_size")
+    tiny_config.sampling.update(solver="sde_heun", last_step="none", last_step_size=0.04)
+    _assert_invalid(tiny_config, "config.sampling.last_step")      # its drift at t = 1
+    tiny_config.sampling.last_step = "Mean"
+    tiny_config.coupling.update(upsampling_mode="noise_upsampling",
+                                upsampling_mode_context="bilinear")
+    _assert_invalid(tiny_config, "config.coupling.upsampling_mode_context")
+    tiny_config.coupling.update(upsampling_mode="bilinear", concat_context=False)
+    tiny_config.unet.in_channels = 3
+    _assert_invalid(tiny_config, "config.coupling.concat_context")
+
+
+def test_a_regression_model_takes_any_solver_setting(tiny_config):
+    config_lib.as_regression(tiny_config)
+    tiny_config.sampling.solver = "euler_maruyama"     # ignored: one pass
+    config_lib.validate(tiny_config)
+    tiny_config.coupling.start_from_noise = True
+    _assert_invalid(tiny_config, "config.coupling.start_from_noise")
 
 
 def test_guidance_needs_a_model_trained_with_context_dropout(tiny_config):

@@ -194,10 +194,13 @@ def check_config(config: Any) -> None:
                               f"({hi})")
     flow.check_config(config)
     config_lib.check_one_of(config, "objective", OBJECTIVES)
-    if config.objective == "regression" and (cp.noising_step > 0 or cp.start_from_noise):
-        raise ConfigError("coupling.noising_step", "a regression model's input is the clean "
-                          "up-sampled latent: set coupling.noising_step=-1 and "
-                          "coupling.start_from_noise=False")
+    if config.objective == "regression":
+        for field, bad in (("start_from_noise", cp.start_from_noise),
+                           ("noising_step", cp.noising_step > 0)):
+            if bad:
+                raise ConfigError(f"coupling.{field}", "a regression model's input is the clean "
+                                  "up-sampled latent: set coupling.noising_step=-1 and "
+                                  "coupling.start_from_noise=False")
     u, channels = config.unet, latent_channels(config)
     uses_context = config.coupling.concat_context or config.coupling.start_from_noise
     want_in = channels * (2 if uses_context else 1)

@@ -100,6 +100,9 @@ def integrate(cfm: CFM, params: PyTree, fs_params: PyTree, lowres: LowRes,
     if cfm.objective == "regression":        # one pass, no solver
         res = _regress(cfm, params, x0, context, save_intermediates)
     elif solver in sde.SOLVERS:
+        if cfm.coupling.source_std == 0:
+            raise ValueError(f"solver {solver!r} needs a noised source (coupling.noising_step > 0 "
+                             "or start_from_noise): this model's source has no score")
         steps = ode.fixed_steps(options.get("num_steps", ode.SolverOptions().num_steps),
                                 options.get("num_points", 0))
         source = sde.Source(cfm.coupling.source_mean(z_up), cfm.coupling.source_std)
@@ -161,7 +164,7 @@ def check_config(config: Any) -> None:
     for field in ("rtol", "atol", "dt0"):
         if not sp[field] > 0:
             raise ConfigError(f"sampling.{field}", f"must be > 0, got {sp[field]}")
-    if sp.solver in sde.SOLVERS:
+    if sp.solver in sde.SOLVERS and config.objective != "regression":   # it takes no solver
         _check_sde(config)
     if sp.guidance_scale != 1.0 and cp.context_dropout <= 0:
         raise ConfigError("sampling.guidance_scale", f"is {sp.guidance_scale}, but the model "
@@ -177,8 +180,21 @@ def _check_sde(config: Any) -> None:
                           f"up-sampled latent, which has no score, so sampling.solver="
                           f"{sp.solver!r} cannot sample it; train with a noised source "
                           "(e.g. coupling.noising_step=400) or use an ODE solver")
+    if not cp.start_from_noise and not cp.concat_context:
+        raise ConfigError("coupling.concat_context", f"is False: sampling.solver={sp.solver!r} "
+                          "needs the source's mean, which the network knows only from the "
+                          "context; use an ODE solver")
+    if (not cp.start_from_noise and cp.upsampling_mode == "noise_upsampling"
+            and cp.upsampling_mode_context not in ("", cp.upsampling_mode)):
+        raise ConfigError("coupling.upsampling_mode_context", f"differs from the source's "
+                          f"random 'noise_upsampling', so the source's mean is not known from the "
+                          f"context and sampling.solver={sp.solver!r} has no score; use an ODE "
+                          "solver")
     check_one_of(config, "sampling.diffusion_form", sde.DIFFUSION_FORMS)
     check_one_of(config, "sampling.last_step", sde.LAST_STEPS)
+    if sp.solver == "sde_heun" and sp.last_step == "none":
+        raise ConfigError("sampling.last_step", "'none' with sde_heun evaluates the drift at "
+                          "t = 1, where the score is infinite: use 'Mean' or 'Euler'")
     if sp.last_step != "none":
         check_range(config, "sampling.last_step_size", 1e-6, 1.0)
     check_range(config, "sampling.diffusion_norm", 0.0)

@@ -140,6 +140,9 @@ def check_options(solver: str, num_steps: int, o: SDEOptions) -> None:
             raise ValueError(f"Unknown {name} {value!r}; valid: {', '.join(allowed)}")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if solver == "sde_heun" and o.last_step == "none":
+        raise ValueError("last_step 'none' with sde_heun evaluates the drift at t = 1, where the "
+                         "score is infinite: use last_step 'Mean' or 'Euler'")
     if o.last_step != "none" and not 0.0 < o.last_step_size < 1.0:
         raise ValueError(f"last_step_size must be in (0, 1), got {o.last_step_size}")
     if not o.diffusion_norm >= 0:

@@ -269,7 +269,7 @@ def load_upsampler(path: str, config: Any = None, *, vae: str | None = None,
         config = read_run_config(path)
     elif isinstance(config, str):
         config = config_lib.load_config(config)
-    config = config.copy_and_resolve_references()
+    config = config_lib.with_defaults(config)          # a config from before a field existed
     with config.unlocked():
         if vae is not None:
             config.first_stage.checkpoint = vae

@@ -172,3 +172,10 @@ def test_context_dropout_trains_on_the_zero_context(noised):
     np.testing.assert_allclose(loss_dropped, float(want), rtol=1e-6)
     assert float(never.loss(params, {}, batch, key, train=False)) == float(
         always.loss(params, {}, batch, key, train=False))         # evaluation keeps the context
+
+
+def test_an_sde_solver_on_a_source_without_noise_is_refused_not_nan(cfm_and_params, lowres):
+    cfm, params = cfm_and_params                       # the tiny config: noising_step -1
+    with pytest.raises(ValueError, match="needs a noised source"):
+        make_sample_fn(cfm, solver="euler_maruyama", num_steps=2)(params, {}, lowres,
+                                                                  jax.random.PRNGKey(0))

@@ -180,7 +180,8 @@ def test_the_same_key_gives_the_same_sample_and_another_key_another():
 
 @pytest.mark.parametrize("kwargs,named", [
     (dict(solver="rk4"), "SDE solver"), (dict(diffusion_form="cosine"), "diffusion form"),
-    (dict(last_step="Tweedie"), "last step"), (dict(last_step_size=0.0), "last_step_size")])
+    (dict(last_step="Tweedie"), "last step"), (dict(last_step_size=0.0), "last_step_size"),
+    (dict(solver="sde_heun", last_step="none"), "evaluates the drift at t = 1")])
 def test_bad_options_are_named(kwargs, named):
     path, source, x0, velocity = gaussian_problem("linear", "noised", n=2)
     with pytest.raises(ValueError, match=named):
