@@ -231,16 +231,6 @@ def fid_setup(args: argparse.Namespace, metrics: tuple[str, ...], config: Any, s
                 crop_seed=args.seed, inception=paths.resolve(path)), {}
 
 
-def checkpoint_step(args: argparse.Namespace) -> int | None:
-    """The step scored: --step, else the latest checkpoint of a workdir (None: converted)."""
-    if args.step is not None or args.config:
-        return args.step
-    from fmboost_jax.train import checkpointing
-    root = checkpointing.checkpoint_dir(paths.resolve(args.model))
-    steps = [int(d) for d in os.listdir(root) if d.isdigit()] if os.path.isdir(root) else []
-    return max(steps, default=None)
-
-
 # ------------------------------------------------------------------------ the run
 def run(args: argparse.Namespace, overrides: dict[str, dict[str, str]]) -> dict[str, Any]:
     """Scores the model; returns (and writes to --output) the report."""
@@ -273,7 +263,7 @@ def run(args: argparse.Namespace, overrides: dict[str, dict[str, str]]) -> dict[
         nfe = bm.run(up, bm.batches(images, args.batch_size), bench, options, args.seed,
                      baselines, bar.update, others)
     report = {
-        "model": paths.resolve(args.model), "config": args.config, "step": checkpoint_step(args),
+        "model": paths.resolve(args.model), "config": args.config, "step": up.step,
         "data": {"name": config.data.name, "source": images.description},
         "num_images": bench.num_images, "image_size": [size, size],
         "input_size": [size // up.upscale] * 2, "upscale": up.upscale,

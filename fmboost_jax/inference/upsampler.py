@@ -44,6 +44,7 @@ class Upsampler:
     fs_params: PyTree
     config: ml_collections.ConfigDict
     memory_limit: int | None = None    # bytes per device a boost may use (None: what is free)
+    step: int | None = None            # the training step of the params (None: unknown)
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -234,18 +235,20 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
         return config_lib.with_defaults(ml_collections.ConfigDict(json.load(f)))
 
 
-def _params(path: str, is_workdir: bool, cfm: CFM, step: int | None) -> PyTree:
-    """EMA params of a workdir's latest (or given) checkpoint, or converted params."""
+def _params(path: str, is_workdir: bool, cfm: CFM, step: int | None
+            ) -> tuple[PyTree, int | None]:
+    """EMA params of a workdir's latest usable (or given) checkpoint and its step, or converted
+    params (step None)."""
     from fmboost_jax.train import checkpointing
     if is_workdir:
         try:
-            return checkpointing.restore_params(path, use_ema=True, step=step)
+            return checkpointing.restore_params(path, use_ema=True, step=step, with_step=True)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path!r} holds no checkpoint yet: train it first "
                                     "(`python -m fmboost_jax.train ... --workdir=...`)") from None
     import orbax.checkpoint as ocp
     target = jax.eval_shape(cfm.init_params, jax.random.PRNGKey(0))
-    return ocp.StandardCheckpointer().restore(paths.resolve(path), target)
+    return ocp.StandardCheckpointer().restore(paths.resolve(path), target), None
 
 
 def load_upsampler(path: str, config: Any = None, *, vae: str | None = None,
@@ -279,9 +282,9 @@ def load_upsampler(path: str, config: Any = None, *, vae: str | None = None,
     from fmboost_jax.train.setup import check_resources
     check_resources(_one_device(config))
     cfm = CFM.from_config(config)
-    params = _params(path, is_workdir, cfm, step)
+    params, restored = _params(path, is_workdir, cfm, step)
     fs_params = cfm.first_stage.init_params(jax.random.PRNGKey(0))
-    return Upsampler(cfm, params, fs_params, config)
+    return Upsampler(cfm, params, fs_params, config, step=restored)
 
 
 def _one_device(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -271,10 +271,12 @@ def _move_aside(mngr: ocp.CheckpointManager, step: int) -> str:
     return str(dst)
 
 
-def restore_params(workdir: str, use_ema: bool = True, step: int | None = None) -> PyTree:
+def restore_params(workdir: str, use_ema: bool = True, step: int | None = None,
+                   with_step: bool = False) -> PyTree:
     """UNet params (the EMA copy by default) of the latest (or given) checkpoint in `workdir`
-    that reads and passes its checksums, as host-local arrays, e.g. for sampling in a notebook.
-    Older checkpoints are tried in turn with a warning; a reader moves nothing."""
+    that reads and passes its checksums, as host-local arrays, e.g. for sampling in a notebook;
+    `(params, step)` with `with_step`. Older checkpoints are tried in turn with a warning; a
+    reader moves nothing."""
     path = checkpoint_dir(workdir)
     mngr = ocp.CheckpointManager(path, item_handlers=_item_handlers())
     steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
@@ -284,7 +286,8 @@ def restore_params(workdir: str, use_ema: bool = True, step: int | None = None) 
     try:
         for s in steps:
             try:
-                return _read_whole(mngr, s)["ema_params" if use_ema else "params"]
+                params = _read_whole(mngr, s)["ema_params" if use_ema else "params"]
+                return (params, s) if with_step else params
             except Exception as err:    # any fault: try the next older one
                 errors.append(f"step {s} ({_cause(err)})")
                 logging.warning("The checkpoint of step %d in %s is unusable: %s", s, path,

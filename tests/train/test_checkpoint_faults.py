@@ -116,6 +116,7 @@ def test_with_no_usable_checkpoint_the_run_stops_saying_so_and_a_reader_falls_ba
     # A reader (the notebook's path) takes the previous checkpoint and moves nothing.
     previous = restore_params(str(stopped_run), step=PREVIOUS)
     assert max_diff(restore_params(str(workdir)), previous) == 0.0
+    assert restore_params(str(workdir), with_step=True)[1] == PREVIOUS   # the step it read
     assert steps(workdir) == [PREVIOUS, LAST]
     truncate(os.path.join(workdir, "checkpoints", str(PREVIOUS)))
     with pytest.raises(CheckpointError, match="no usable checkpoint") as err:
