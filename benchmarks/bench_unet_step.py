@@ -9,7 +9,9 @@ TFLOP/s and the fraction of the device's peak on an accelerator, the machine, an
 to a reference time (`--reference-ms`, default: the PyTorch reference's 768 ms per training
 step of `ref15m` on the project's 2-core CPU machine kind; see shared/REFERENCE.md).
 `--torch-baseline` also times the PyTorch oracle (`tests/torch_unet_oracle.py`) in the same
-run, on the same inputs, and reports the ratio against that. `--devices 1,8` times the
+run, on the same inputs, and reports the ratio against that, and the reference's sampler
+(`torchdiffeq.odeint` with the same solver and steps, on the oracle with the JAX weights) against
+the JAX sample call (skipped, in one line, without torchdiffeq). `--devices 1,8` times the
 data-parallel step of the same global batch on 1 and on 8 devices (8 fake CPU devices on a
 CPU host, the first 8 accelerators otherwise), one process per count, and prints the ratio.
 
@@ -187,6 +189,67 @@ def torch_times(cfg: dict[str, Any], batch: dict[str, np.ndarray], steps: int, t
     return time_calls(step, steps), time_calls(forward, steps)
 
 
+# fmboost_jax solver -> torchdiffeq method (torchdiffeq's rk4 is the 3/8 rule, our "rk4").
+TORCHDIFFEQ_METHODS = {"euler": "euler", "midpoint": "midpoint", "heun": "heun2", "rk4": "rk4",
+                       "dopri5": "dopri5"}
+
+
+def torch_state_dict_from_jax(params: Any, model: EfficientUNet, input_shape: tuple[int, ...]
+                              ) -> dict[str, np.ndarray]:
+    """Flax UNet params -> the oracle's state dict (the inverse of `convert.unet`'s layout)."""
+    from flax import traverse_util
+
+    from fmboost_jax.convert.unet import unet_layout, unet_param_shapes
+    flat = traverse_util.flatten_dict(jax.device_get(params["params"]))
+    out = {}
+    for path, s in traverse_util.flatten_dict(unet_param_shapes(model, input_shape)).items():
+        key, torch_shape, to_flax = unet_layout(path, tuple(s.shape))
+        # where each torch element lands in the flax array, then scatter it back
+        index = np.asarray(to_flax(np.arange(int(np.prod(torch_shape))).reshape(torch_shape)))
+        value = np.empty(int(np.prod(torch_shape)), np.float32)
+        value[index.ravel()] = np.asarray(flat[path], np.float32).ravel()
+        out[key] = value.reshape(torch_shape)
+    return out
+
+
+def torch_sample_call(cfg: dict[str, Any], state_dict: dict[str, np.ndarray], x0: np.ndarray,
+                      context: np.ndarray, solver: str, num_steps: int, threads: int
+                      ) -> tuple[Callable[[], Any], list[int]] | str:
+    """The reference's sampler on the PyTorch oracle: `torchdiffeq.odeint(velocity, x0,
+    t=linspace(0, 1, num_steps + 1), method)` (dopri5 with the sampler's rtol/atol) under
+    `no_grad`, on NHWC `x0`/`context` moved to NCHW. Returns (call -> x1 NCHW, [network calls of
+    the last call]), or a line saying why it cannot run."""
+    try:
+        import torch
+        import torchdiffeq
+    except ImportError as e:
+        return f"torchdiffeq sampler comparison skipped: {e}"
+    if solver not in TORCHDIFFEQ_METHODS:
+        return f"torchdiffeq sampler comparison skipped: no torchdiffeq method for {solver!r}"
+    sys.path.insert(0, str(ROOT / "tests"))
+    from torch_unet_oracle import EfficientUNet as TorchUNet
+    torch.set_num_threads(threads)
+    net = TorchUNet(**cfg).eval()
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()})
+    nchw = lambda a: torch.from_numpy(np.array(np.moveaxis(np.asarray(a, np.float32), -1, 1)))
+    x, c = nchw(x0), nchw(context)
+    t = torch.linspace(0, 1, num_steps + 1)
+    nfe = [0]
+    opts = ode.SolverOptions()
+    kw = dict(rtol=opts.rtol, atol=opts.atol) if solver == "dopri5" else {}
+
+    def velocity(t, x):
+        nfe[0] += 1
+        return net(x, t.reshape(1).expand(x.shape[0]), c)
+
+    def call():
+        nfe[0] = 0
+        with torch.no_grad():
+            return torchdiffeq.odeint(velocity, x, t, method=TORCHDIFFEQ_METHODS[solver], **kw)[-1]
+
+    return call, nfe
+
+
 def compare_device_counts(args: argparse.Namespace) -> None:
     """Runs this script once per device count and prints the step times and their ratios."""
     counts = [int(n) for n in args.devices.split(",")]
@@ -325,6 +388,33 @@ def main() -> None:
             if not args.no_forward:
                 print(ratio_text(statistics.median(fwd), statistics.median(t_fwd),
                                  "PyTorch in this run (forward)"))
+            sd = torch_state_dict_from_jax(state[0], model, (1, size, size, cfg["in_channels"]))
+            tsample = torch_sample_call(cfg, sd, jax.device_get(batch["x_t"]),
+                                        jax.device_get(batch["context"]), args.sample_solver,
+                                        args.sample_steps, args.torch_threads)
+            if isinstance(tsample, str):
+                print(tsample)
+            else:
+                tcall, tnfe = tsample
+                x1_torch = tcall().numpy()
+                t_samp = time_calls(tcall, max(2, args.steps // 3), 1)
+                x0 = np.asarray(jax.device_get(batch["x_t"]))
+                x1 = np.asarray(jax.device_get(sampler(state[0], batch["x_t"], batch["context"]).x1))
+                diff = float(np.max(np.abs(np.moveaxis(x1_torch, 1, -1) - x1)))
+                moved = float(np.max(np.abs(x1 - x0)))
+                same = "equal" if tnfe[0] == nfe else "NOT equal"
+                print(summary(f"torch sample (torchdiffeq {TORCHDIFFEQ_METHODS[args.sample_solver]}, "
+                              f"{tnfe[0]} NFE)", t_samp, batch_size, None, None, False))
+                print(f"sample NFE: fmboost_jax {nfe}, torchdiffeq {tnfe[0]} ({same}); "
+                      f"max |x1 jax - x1 torch| = {diff:.2e}, max |x1 - x0| = {moved:.2e} "
+                      "(same weights and inputs)")
+                j_med, t_med = statistics.median(samp), statistics.median(t_samp)
+                how = "adaptive" if args.sample_solver == "dopri5" else f"{args.sample_steps} steps"
+                print(f"sample call per image: fmboost_jax {j_med / batch_size:.1f} ms, "
+                      f"PyTorch (torchdiffeq) {t_med / batch_size:.1f} ms "
+                      f"(batch {batch_size}, {args.sample_solver}, {how})")
+                print(f"sample call: fmboost_jax / PyTorch (torchdiffeq) = {j_med / t_med:.2f}")
+            print(f"train step: fmboost_jax / PyTorch = {train_med / statistics.median(t_train):.2f}")
 
 
 if __name__ == "__main__":
