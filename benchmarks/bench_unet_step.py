@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -40,6 +39,9 @@ import numpy as np
 import optax
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from machine import cpu_model  # noqa: E402  (also imported from here by accelerator.py)
+
 sys.path.insert(0, str(ROOT))
 from fmboost_jax.cfm import ode  # noqa: E402
 from fmboost_jax.config import base_config  # noqa: E402
@@ -101,16 +103,6 @@ def time_calls(fn: Callable[[], Any], steps: int, warmup: int = 2) -> list[float
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return times
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def peak_memory_mb(device: Any) -> float:

@@ -136,7 +136,6 @@ def base_config() -> ml_collections.ConfigDict:
     from fmboost_jax.cfm.ode import SolverOptions
     from fmboost_jax.cfm.sampling import GUIDANCE_SCALE
     from fmboost_jax.cfm.sde import SDEOptions
-    from fmboost_jax.evaluation.benchmark import CROP_SIZE, NUM_CROPS
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.dtype = "auto"                   # UNet compute dtype: auto | float32 | bfloat16
@@ -210,22 +209,31 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_every = 50_000              # ... plus every step divisible by this (0: none)
     c.eval_batch_size = 16             # 0 = batch_size
     c.num_grid_images = 8
-    # What the held-out evaluation scores (`evaluation.benchmark`): psnr, ssim, mse and, with
-    # converted Inception weights in `inception` ("": skipped), fid, kid and pfid (`num_crops`
-    # crops of `crop_size`² per image, the reference's 4 and 512), of CFM and the `baselines`.
-    c.eval = ml_collections.ConfigDict(dict(
+    c.eval, c.wandb = _eval(), _wandb()
+    return c
+
+
+def _eval() -> ml_collections.ConfigDict:
+    """`config.eval`: what the held-out evaluation scores (`evaluation.benchmark`): psnr, ssim,
+    mse and, with converted Inception weights in `inception` ("": skipped), fid, kid and pfid
+    (`num_crops` crops of `crop_size`² per image, the reference's 4 and 512), of CFM and the
+    `baselines`."""
+    from fmboost_jax.evaluation.benchmark import CROP_SIZE, NUM_CROPS
+    return ml_collections.ConfigDict(dict(
         metrics=("psnr", "ssim"), inception="", num_crops=NUM_CROPS, crop_size=CROP_SIZE,
         baselines=("bilinear", "bicubic")))
 
-    # Weights & Biases, beside metrics.jsonl and TensorBoard (`train/wandb_logging.py`).
-    c.wandb = ml_collections.ConfigDict(dict(
+
+def _wandb() -> ml_collections.ConfigDict:
+    """`config.wandb`: Weights & Biases, beside metrics.jsonl and TensorBoard
+    (`train/wandb_logging.py`)."""
+    return ml_collections.ConfigDict(dict(
         project="",                    # W&B project; "" = no W&B (wandb is never imported)
         entity="",                     # team or user ("" : your default entity)
         name="",                       # run name ("" : the workdir's basename)
         mode="online",                 # "online" | "offline" (files only; `wandb sync`) | "disabled"
         tags=(),                       # tags of the run, strings
     ))
-    return c
 
 
 # ------------------------------------------------------------------------ variants
