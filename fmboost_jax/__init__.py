@@ -2,9 +2,15 @@
 
 For notebooks: `fmboost_jax.load_upsampler(workdir)` gives an `Upsampler` to call on low-res
 images; `fmboost_jax.load_config("lhq")` a config. Both are imported on first use.
+Importing the package sets XLA's CPU flags (`fmboost_jax.xla_cpu`; `FMBOOST_XLA_CPU=off` keeps
+`$XLA_FLAGS` as it is).
 """
 
 from typing import Any
+
+from fmboost_jax import xla_cpu
+
+xla_cpu.configure()
 
 _EXPORTS = {"load_upsampler": "fmboost_jax.inference.upsampler",
             "Upsampler": "fmboost_jax.inference.upsampler",

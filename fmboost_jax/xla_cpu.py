@@ -1,0 +1,60 @@
+"""XLA's CPU backend set up for this UNet: the one CPU-only speed switch.
+
+XLA's CPU compiler hands convolutions and element-wise fusions to YNNPACK by default (jaxlib >=
+0.9). For the UNet's 3x3 convolutions with 64-192 channels that is 1.7-2.5x slower than XLA's own
+convolution kernels, forward and backward (`benchmarks/bench_unet_step.py`; README, Benchmarks),
+so `FLAGS` keep them out of YNNPACK. The flags only change which CPU kernel runs a convolution:
+outputs agree to float32 rounding (tests/test_xla_cpu.py), and GPU and TPU programs are untouched.
+
+`configure()` adds `FLAGS` to `$XLA_FLAGS`; `import fmboost_jax` calls it, so every command line,
+notebook and benchmark gets them. XLA reads `$XLA_FLAGS` once, when JAX first initialises its
+backends, so importing fmboost_jax after a JAX computation has run leaves this process as it is.
+`FMBOOST_XLA_CPU=off` (or `0`, `false`, `no`, `none`) turns the switch off; a `$XLA_FLAGS` that
+already sets a flag's name keeps the user's value.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib import metadata
+
+ENV_VAR = "FMBOOST_XLA_CPU"
+OFF_VALUES = frozenset({"off", "0", "false", "no", "none"})
+FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-eltwise",)
+MIN_JAXLIB = (0, 9)  # the first jaxlib that knows these flags (an unknown flag aborts XLA)
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in metadata.version("jaxlib").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return (0,)
+
+
+def _backends_initialized() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return False
+
+
+def flags_to_add(environ: dict[str, str], jaxlib_version: tuple[int, ...]) -> list[str]:
+    """The entries of `FLAGS` that `configure` would append to `environ["XLA_FLAGS"]`."""
+    if environ.get(ENV_VAR, "").strip().lower() in OFF_VALUES or jaxlib_version < MIN_JAXLIB:
+        return []
+    present = environ.get("XLA_FLAGS", "")
+    return [f for f in FLAGS if f.split("=", 1)[0] not in present]
+
+
+def configure() -> list[str]:
+    """Appends the CPU flags to `$XLA_FLAGS` (see the module docstring); returns those added."""
+    if _backends_initialized():
+        return []
+    added = flags_to_add(dict(os.environ), _jaxlib_version())
+    if added:
+        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "").strip(), *added]).strip()
+    return added
