@@ -406,7 +406,10 @@ def main() -> None:
                       f"PyTorch (torchdiffeq) {t_med / batch_size:.1f} ms "
                       f"(batch {batch_size}, {args.sample_solver}, {how})")
                 print(f"sample call: fmboost_jax / PyTorch (torchdiffeq) = {j_med / t_med:.2f}")
-            print(f"train step: fmboost_jax / PyTorch = {train_med / statistics.median(t_train):.2f}")
+            last = f"train step: fmboost_jax / PyTorch = {train_med / statistics.median(t_train):.2f}"
+            if not args.no_forward:
+                last += f", forward: {statistics.median(fwd) / statistics.median(t_fwd):.2f}"
+            print(last)
 
 
 if __name__ == "__main__":
