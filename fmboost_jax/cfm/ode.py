@@ -158,9 +158,15 @@ def _solve(velocity_fn: VelocityFn, x0: PyTree, args: Any, *, solver: str, num_s
     else:
         diffrax_solver = _FIXED_SOLVERS[solver]()
         # An exact grid, like the reference's linspace, instead of accumulating t += dt.
-        controller = diffrax.StepTo(ts=jnp.linspace(0.0, 1.0, num_steps + 1))
+        # JAX's default float: float32, or float64 under jax_enable_x64.
+        grid = np.linspace(0.0, 1.0, num_steps + 1).astype(jax.dtypes.canonicalize_dtype(float))
+        controller = diffrax.StepTo(ts=grid)
         step0 = None
         max_steps = num_steps
+        # A fixed grid cannot run out of steps, and with a concrete grid (numpy, above) and no
+        # throw the program holds no host callbacks, so that it can be compiled once and cached
+        # (`fmboost_jax.compile_cache`).
+        throw = False
 
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(velocity_fn), diffrax_solver, t0=0.0, t1=1.0, dt0=step0, y0=x0, args=args,
@@ -198,7 +204,8 @@ def integrate(velocity_fn: VelocityFn, x0: PyTree, *, save_intermediates: int = 
       per_sample: vmap the solve over the batch axis so that each sample gets its own adaptive
         steps; `stats` entries then have shape (B,). The batched loop runs until the slowest sample
         is done, so the compute cost follows `stats["nfe"].max()` batched evaluations.
-      throw: raise on solver failure (e.g. max_steps reached) instead of returning garbage.
+      throw: raise on solver failure (dopri5 reaching max_steps) instead of returning garbage;
+        fixed-step solvers cannot fail and ignore it.
       args: passed through to `velocity_fn` (e.g. network params and conditioning).
       args_axes: with `per_sample`, which leaves of `args` are batched along axis 0 (a prefix
         tree of 0 / None, as `jax.vmap`'s in_axes; default: none), e.g. `(None, 0)` for

@@ -116,7 +116,7 @@ def test_the_regression_baseline_predicts_x1_in_one_pass_with_the_same_unet(imag
     out = make_sample_fn(reg, solver="dopri5", save_intermediates=2)(params, {}, lowres, key)
     assert int(out.stats["nfe"]) == 1 and out.intermediates.shape == (3, 2, 16, 16, 3)
     x0s, _, ctxs = reg.couple({}, LowRes(images=lowres), (16, 16), key)
-    np.testing.assert_allclose(out.images, reg.regress(params, x0s, ctxs), atol=1e-6)
+    np.testing.assert_allclose(out.images, reg.regress(params, x0s, ctxs), rtol=1e-6, atol=1e-6)
 
 
 def test_a_regression_model_takes_the_clean_latent():

@@ -7,6 +7,9 @@ compiled solve serves the convergence, NFE and linear-flow checks.
 
 from __future__ import annotations
 
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,3 +218,17 @@ def test_unknown_solver_name_error_lists_the_valid_solvers():
 def test_invalid_step_settings_raise(kwargs):
     with pytest.raises(ValueError):
         integrate(field, jnp.zeros((1, 2)), solver="euler", **kwargs)
+
+
+@pytest.mark.parametrize("solver", FIXED + ("dopri5",))
+def test_fixed_step_programs_hold_no_host_callbacks_so_the_compile_cache_keeps_them(solver):
+    # JAX's persistent cache skips programs with host callbacks; diffrax's checks are such.
+    x0 = jnp.ones((2, 3))
+    velocity = lambda t, x, a: a * jnp.cos(t) * x        # `field` counts its calls by a callback
+    for throw in (True, False):
+        fn = jax.jit(functools.partial(integrate, velocity, solver=solver, num_steps=3,
+                                       throw=throw))
+        text = fn.lower(x0, args=jnp.float32(0.5)).compile().as_text()
+        targets = re.findall(r'custom_call_target="([^"]*)"', text)
+        has_callback = any("callback" in t for t in targets)
+        assert has_callback == (solver == "dopri5" and throw), (solver, throw, targets)
