@@ -1,4 +1,5 @@
-"""ODE integration of a flow velocity field from t=0 to t=1 with diffrax.
+"""ODE integration of a flow velocity field from t=0 to t=1: dopri5 with diffrax, the fixed-step
+rules as one `lax.scan`.
 
 `integrate(velocity_fn, x0, ...)` solves `dx/dt = velocity_fn(t, x, args)` on [0, 1] and returns an
 `ODEResult(x1, stats, intermediates)`. `x0` is an array or pytree of arrays whose leaves share a
@@ -10,7 +11,10 @@ solvers, on the grid `linspace(0, 1, num_steps + 1)`. The reference instead pass
 ("rk4" with 40 points, 39 * 4 = 156 network evaluations) is `solver="rk4", num_steps=39` here, or
 in the reference's terms `num_points=40` (when set, `num_points` replaces `num_steps`).
 
-Solvers: "rk4" is torchdiffeq's (the 3/8 rule), "rk4_classic" the 1/6-1/3-1/3-1/6 rule.
+Solvers: "rk4" is torchdiffeq's (the 3/8 rule), "rk4_classic" the 1/6-1/3-1/3-1/6 rule. The
+fixed-step rules are written out (`TABLEAUX`) rather than run through diffrax: diffrax's runtime
+checks are host callbacks, and JAX's persistent compilation cache does not store programs that
+hold any, so a fixed-step sampler is compiled once and read back in later processes.
 Evaluations per step: euler 1, heun 2, midpoint 2, rk4 and rk4_classic 4. dopri5 is FSAL:
 1 evaluation at t=0, then 6 per attempted (accepted or rejected) step: nfe = 1 + 6 * num_steps.
 
@@ -23,7 +27,7 @@ and its own stats; `velocity_fn` still receives batched inputs, with batch size 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import diffrax
 import equinox as eqx
@@ -36,9 +40,6 @@ PyTree = Any
 VelocityFn = Callable[[Array, PyTree, Any], PyTree]
 
 SOLVERS = ("dopri5", "euler", "heun", "midpoint", "rk4", "rk4_classic")
-# Velocity evaluations per step of the fixed-step solvers.
-EVALS_PER_STEP = {"euler": 1, "heun": 2, "midpoint": 2, "rk4": 4, "rk4_classic": 4}
-
 
 class SolverOptions(NamedTuple):
     """The one table of sampler defaults (`config.sampling` is made from it): the reference's
@@ -52,46 +53,30 @@ class SolverOptions(NamedTuple):
     max_steps: int = 4096
 
 
-class _HermiteERK(diffrax.AbstractERK):
-    """A fixed-step 4-stage explicit Runge-Kutta rule without an embedded error estimate.
-
-    The dense output is the cubic Hermite interpolant on (y0, k1, y1, k4), a 3rd-order
-    continuous extension of either 4th-order rule below."""
-
-    interpolation_cls: ClassVar[Callable[..., diffrax.AbstractLocalInterpolation]] = (
-        diffrax.ThirdOrderHermitePolynomialInterpolation.from_k)
-
-    def order(self, terms: Any) -> int:
-        del terms
-        return 4
+class Tableau(NamedTuple):
+    """An explicit Runge-Kutta rule. Stage i evaluates v(t + c[i] h, x + h sum_j a[i][j] k_j); the
+    step is x + h sum_i b[i] k_i. `dense`: how states between grid points are read, "linear"
+    (Euler's) or "hermite", the cubic Hermite polynomial on (x_n, h k_first, x_n+1, h k_last)
+    (diffrax's `ThirdOrderHermitePolynomialInterpolation.from_k`)."""
+    c: tuple[float, ...]
+    a: tuple[tuple[float, ...], ...]
+    b: tuple[float, ...]
+    dense: str = "hermite"
 
 
-class _RK4ThreeEighths(_HermiteERK):
-    """torchdiffeq's `rk4` (its `rk4_alt_step_func`), the reference's validation sampler: Kutta's
-    3/8 rule, stages at t, t + h/3, t + 2h/3, t + h with weights 1/8, 3/8, 3/8, 1/8."""
-
-    tableau: ClassVar[diffrax.ButcherTableau] = diffrax.ButcherTableau(
-        c=np.array([1 / 3, 2 / 3, 1.0]),
-        b_sol=np.array([1 / 8, 3 / 8, 3 / 8, 1 / 8]),
-        b_error=np.zeros(4),
-        a_lower=(np.array([1 / 3]), np.array([-1 / 3, 1.0]), np.array([1.0, -1.0, 1.0])),
-    )
-
-
-class _ClassicRK4(_HermiteERK):
-    """The classic 4th-order Runge-Kutta rule (1/6, 1/3, 1/3, 1/6)."""
-
-    tableau: ClassVar[diffrax.ButcherTableau] = diffrax.ButcherTableau(
-        c=np.array([0.5, 0.5, 1.0]),
-        b_sol=np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]),
-        b_error=np.zeros(4),
-        a_lower=(np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])),
-    )
-
-
-_FIXED_SOLVERS: dict[str, Callable[[], diffrax.AbstractSolver]] = {
-    "euler": diffrax.Euler, "heun": diffrax.Heun, "midpoint": diffrax.Midpoint,
-    "rk4": _RK4ThreeEighths, "rk4_classic": _ClassicRK4}
+TABLEAUX: dict[str, Tableau] = {
+    "euler": Tableau((0.0,), ((),), (1.0,), dense="linear"),
+    "heun": Tableau((0.0, 1.0), ((), (1.0,)), (0.5, 0.5)),
+    "midpoint": Tableau((0.0, 0.5), ((), (0.5,)), (0.0, 1.0)),
+    # torchdiffeq's `rk4` (its `rk4_alt_step_func`), the reference's validation sampler: Kutta's
+    # 3/8 rule, stages at t, t + h/3, t + 2h/3, t + h.
+    "rk4": Tableau((0.0, 1 / 3, 2 / 3, 1.0), ((), (1 / 3,), (-1 / 3, 1.0), (1.0, -1.0, 1.0)),
+                   (1 / 8, 3 / 8, 3 / 8, 1 / 8)),
+    "rk4_classic": Tableau((0.0, 0.5, 0.5, 1.0), ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)),
+                           (1 / 6, 1 / 3, 1 / 3, 1 / 6)),
+}
+# Velocity evaluations per step of the fixed-step solvers.
+EVALS_PER_STEP = {name: len(tab.b) for name, tab in TABLEAUX.items()}
 
 
 class ODEResult(NamedTuple):
@@ -137,59 +122,101 @@ def _save_at(save_intermediates: int) -> diffrax.SaveAt:
     return diffrax.SaveAt(t0=True, ts=interior if save_intermediates > 1 else None, t1=True)
 
 
+def _rk_step(velocity_fn: VelocityFn, tab: Tableau, t: Array, h: Array, x: PyTree, args: Any
+             ) -> tuple[PyTree, PyTree, PyTree]:
+    """One step of `tab` from (t, x): (x at t + h, h k_first, h k_last)."""
+    def combine(weights: tuple[float, ...], ks: list[PyTree]) -> PyTree:
+        terms = [(w, k) for w, k in zip(weights, ks) if w]
+        if not terms:
+            return x
+        return jax.tree.map(lambda x0, *k: x0 + h * sum(w * kk for (w, _), kk in zip(terms, k)),
+                            x, *[k for _, k in terms])
+
+    ks: list[PyTree] = []
+    for c, a in zip(tab.c, tab.a):
+        k = velocity_fn(t + c * h, combine(a, ks), args)
+        ks.append(jax.tree.map(lambda f, x0: jnp.asarray(f, x0.dtype), k, x))
+    scaled = lambda k: jax.tree.map(lambda v: h * v, k)
+    return combine(tab.b, ks), scaled(ks[0]), scaled(ks[-1])
+
+
+def _dense(tab: Tableau, x0: Array, x1: Array, k0: Array, k1: Array, s: Array) -> Array:
+    """States at fractions `s` (K,) of a step, (K, *x0.shape): linear, or the cubic Hermite
+    polynomial a s^3 + b s^2 + k0 s + x0 through x1 at s = 1."""
+    s = s.reshape(s.shape + (1,) * x0.ndim).astype(x0.dtype)
+    if tab.dense == "linear":
+        return x0 + s * (x1 - x0)
+    a = k0 + k1 + 2 * x0 - 2 * x1
+    b = -2 * k0 - k1 - 3 * x0 + 3 * x1
+    return ((a * s + b) * s + k0) * s + x0
+
+
+def _solve_fixed(velocity_fn: VelocityFn, x0: PyTree, args: Any, solver: str, num_steps: int,
+                 save_intermediates: int) -> ODEResult:
+    """`num_steps` steps of a fixed rule over `linspace(0, 1, num_steps + 1)` (the reference's
+    exact grid, not accumulated t += h), one `lax.scan`."""
+    tab = TABLEAUX[solver]
+    grid64 = np.linspace(0.0, 1.0, num_steps + 1)
+    grid = jnp.asarray(grid64, jax.dtypes.canonicalize_dtype(float))   # float64 under x64
+    K = save_intermediates
+    # Which step holds each saved time, and where in it (static: the grid and K are).
+    taus = np.linspace(0.0, 1.0, K + 1)
+    step_of = np.clip(np.searchsorted(grid64, taus, side="left") - 1, 0, num_steps - 1)
+    frac = (taus - grid64[step_of]) / (grid64[step_of + 1] - grid64[step_of])
+
+    def body(carry, n):
+        x, saved = carry
+        x1, k0, k1 = _rk_step(velocity_fn, tab, grid[n], grid[n + 1] - grid[n], x, args)
+        if saved is not None:
+            here = jnp.asarray(step_of) == n
+            saved = jax.tree.map(
+                lambda sv, a, b, c, d: jnp.where(here.reshape((-1,) + (1,) * a.ndim),
+                                                 _dense(tab, a, b, c, d, jnp.asarray(frac)), sv),
+                saved, x, x1, k0, k1)
+        return (x1, saved), None
+
+    saved0 = jax.tree.map(lambda v: jnp.broadcast_to(v, (K + 1,) + v.shape), x0) if K else None
+    (x1, saved), _ = jax.lax.scan(body, (x0, saved0), jnp.arange(num_steps))
+    if saved is not None:   # exact at both ends
+        saved = jax.tree.map(lambda sv, a, b: sv.at[0].set(a).at[-1].set(b), saved, x0, x1)
+    steps = jnp.asarray(num_steps, jnp.int32)
+    stats = {"nfe": EVALS_PER_STEP[solver] * steps, "num_steps": steps,
+             "num_accepted_steps": steps, "num_rejected_steps": jnp.zeros((), jnp.int32),
+             "success": jnp.ones((), jnp.int32)}
+    return ODEResult(x1, stats, saved)
+
+
 # filter_jit: one compiled program per static configuration (solver, num_steps, ...), also when
 # `integrate` is called eagerly; inside an outer jit it is inlined.
 @eqx.filter_jit
 def _solve(velocity_fn: VelocityFn, x0: PyTree, args: Any, *, solver: str, num_steps: int,
            rtol: Array, atol: Array, dt0: Array, max_steps: int, save_intermediates: int,
            throw: bool) -> ODEResult:
-    """One diffrax solve over [0, 1] of the whole `x0` (one error norm for all its elements)."""
-    solver_state = None
-    if solver == "dopri5":
-        diffrax_solver: diffrax.AbstractSolver = diffrax.Dopri5()
-        controller: diffrax.AbstractStepSizeController = diffrax.PIDController(rtol=rtol, atol=atol)
-        step0: Array | None = dt0
-        # Dopri5 is FSAL and otherwise evaluates v(0, x0) inside its first step, again after each
-        # rejection of that step. Evaluating it once here and passing it as the solver state
-        # (first_step=False, f0) makes every attempted step cost exactly 6 evaluations.
-        f0 = velocity_fn(jnp.zeros(()), x0, args)
-        f0 = jax.tree.map(lambda f, x: jnp.asarray(f, x.dtype), f0, x0)
-        solver_state = (jnp.array(False), f0)
-    else:
-        diffrax_solver = _FIXED_SOLVERS[solver]()
-        # An exact grid, like the reference's linspace, instead of accumulating t += dt.
-        # JAX's default float: float32, or float64 under jax_enable_x64.
-        grid = np.linspace(0.0, 1.0, num_steps + 1).astype(jax.dtypes.canonicalize_dtype(float))
-        controller = diffrax.StepTo(ts=grid)
-        step0 = None
-        max_steps = num_steps
-        # A fixed grid cannot run out of steps, and with a concrete grid (numpy, above) and no
-        # throw the program holds no host callbacks, so that it can be compiled once and cached
-        # (`fmboost_jax.compile_cache`).
-        throw = False
-
+    """One solve over [0, 1] of the whole `x0`; dopri5 with one error norm for all its elements."""
+    if solver != "dopri5":
+        return _solve_fixed(velocity_fn, x0, args, solver, num_steps, save_intermediates)
+    # Dopri5 is FSAL and otherwise evaluates v(0, x0) inside its first step, again after each
+    # rejection of that step. Evaluating it once here and passing it as the solver state
+    # (first_step=False, f0) makes every attempted step cost exactly 6 evaluations.
+    f0 = velocity_fn(jnp.zeros(()), x0, args)
+    f0 = jax.tree.map(lambda f, x: jnp.asarray(f, x.dtype), f0, x0)
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(velocity_fn), diffrax_solver, t0=0.0, t1=1.0, dt0=step0, y0=x0, args=args,
-        saveat=_save_at(save_intermediates), stepsize_controller=controller, max_steps=max_steps,
-        throw=throw, solver_state=solver_state)
+        diffrax.ODETerm(velocity_fn), diffrax.Dopri5(), t0=0.0, t1=1.0, dt0=dt0, y0=x0, args=args,
+        saveat=_save_at(save_intermediates), max_steps=max_steps, throw=throw,
+        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+        solver_state=(jnp.array(False), f0))
 
     x1 = jax.tree.map(lambda y: y[-1], sol.ys)
-    intermediates = sol.ys if save_intermediates > 0 else None
-
     steps = jnp.asarray(sol.stats["num_steps"], jnp.int32)
-    if solver == "dopri5":
-        nfe = 1 + 6 * steps
-    else:
-        nfe = EVALS_PER_STEP[solver] * steps
     stats = {
-        "nfe": jnp.asarray(nfe, jnp.int32),
+        "nfe": 1 + 6 * steps,
         "num_steps": steps,
         "num_accepted_steps": jnp.asarray(sol.stats["num_accepted_steps"], jnp.int32),
         "num_rejected_steps": jnp.asarray(sol.stats["num_rejected_steps"], jnp.int32),
         # 1 if the solve reached t = 1 (only informative with throw=False)
         "success": jnp.asarray(sol.result == diffrax.RESULTS.successful, jnp.int32),
     }
-    return ODEResult(x1, stats, intermediates)
+    return ODEResult(x1, stats, sol.ys if save_intermediates > 0 else None)
 
 
 def integrate(velocity_fn: VelocityFn, x0: PyTree, *, save_intermediates: int = 0,

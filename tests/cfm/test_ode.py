@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import re
 
+import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -222,13 +223,53 @@ def test_invalid_step_settings_raise(kwargs):
 
 @pytest.mark.parametrize("solver", FIXED + ("dopri5",))
 def test_fixed_step_programs_hold_no_host_callbacks_so_the_compile_cache_keeps_them(solver):
-    # JAX's persistent cache skips programs with host callbacks; diffrax's checks are such.
+    # JAX's persistent cache skips programs whose lowering holds host callbacks (diffrax's
+    # runtime checks are such, even where XLA later removes them as dead code).
     x0 = jnp.ones((2, 3))
     velocity = lambda t, x, a: a * jnp.cos(t) * x        # `field` counts its calls by a callback
-    for throw in (True, False):
+    for intermediates in (0, 3):
         fn = jax.jit(functools.partial(integrate, velocity, solver=solver, num_steps=3,
-                                       throw=throw))
-        text = fn.lower(x0, args=jnp.float32(0.5)).compile().as_text()
-        targets = re.findall(r'custom_call_target="([^"]*)"', text)
-        has_callback = any("callback" in t for t in targets)
-        assert has_callback == (solver == "dopri5" and throw), (solver, throw, targets)
+                                       save_intermediates=intermediates))
+        text = fn.lower(x0, args=jnp.float32(0.5)).as_text()
+        targets = re.findall(r"custom_call @(\w+)", text)
+        assert any("callback" in t for t in targets) == (solver == "dopri5"), (solver, targets)
+
+
+class _RK4ThreeEighths(diffrax.AbstractERK):
+    tableau = diffrax.ButcherTableau(
+        c=np.array([1 / 3, 2 / 3, 1.0]), b_sol=np.array([1 / 8, 3 / 8, 3 / 8, 1 / 8]),
+        b_error=np.zeros(4),
+        a_lower=(np.array([1 / 3]), np.array([-1 / 3, 1.0]), np.array([1.0, -1.0, 1.0])))
+    interpolation_cls = diffrax.ThirdOrderHermitePolynomialInterpolation.from_k
+
+    def order(self, terms):
+        return 4
+
+
+class _ClassicRK4(_RK4ThreeEighths):
+    tableau = diffrax.ButcherTableau(
+        c=np.array([0.5, 0.5, 1.0]), b_sol=np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]),
+        b_error=np.zeros(4),
+        a_lower=(np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])))
+
+
+DIFFRAX = {"euler": diffrax.Euler, "heun": diffrax.Heun, "midpoint": diffrax.Midpoint,
+           "rk4": _RK4ThreeEighths, "rk4_classic": _ClassicRK4}
+
+
+@pytest.mark.parametrize("solver", FIXED)
+def test_fixed_step_rules_and_their_dense_output_match_diffrax(solver):
+    # diffrax as the oracle: the same tableau on the same grid, and its dense interpolation at
+    # saved times that fall inside steps (5 steps, 3 saved intervals).
+    with jax.enable_x64(True):
+        x0 = x0_small()
+        velocity = lambda t, x, a: a * jnp.cos(2 * t) * x + jnp.sin(3 * t)
+        ours = integrate(velocity, x0, solver=solver, num_steps=5, save_intermediates=3,
+                         args=jnp.float64(1.3))
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(velocity), DIFFRAX[solver](), t0=0.0, t1=1.0, dt0=None, y0=x0,
+            args=jnp.float64(1.3), stepsize_controller=diffrax.StepTo(ts=np.linspace(0, 1, 6)),
+            saveat=diffrax.SaveAt(ts=np.linspace(0, 1, 4)))
+        np.testing.assert_allclose(ours.intermediates, sol.ys, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(ours.x1, sol.ys[-1], rtol=1e-12, atol=1e-12)
+        assert float(jnp.max(jnp.abs(ours.intermediates[1] - x0))) > 1e-3
