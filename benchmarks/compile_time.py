@@ -14,10 +14,10 @@ Functions: `train` is the trainer's update step (`train.step.make_train_step`: t
 first stage's encode, Adam, EMA; the state donated) at `--batch`; `sample` the sampler of the
 config's `sampling` block (`cfm.sampling.make_sample_fn`; fixed-step Euler in the shipped
 configs) on `--batch` low-res images; `sample_dopri5` the same with the adaptive dopri5. JAX does
-not write programs with host callbacks to the cache: the fixed-step samplers hold none, but
-dopri5's max-steps check (diffrax's `throw`) is one, so `sample_dopri5` compiles anew every time,
-unless `EQX_ON_ERROR=nan` is set before equinox is imported (the check then gives NaNs) or the
-caller passes `throw=False` (as `evaluate` does). `--smoke` narrows the UNet (one level, no
+not write programs with host callbacks to the cache: the fixed-step samplers (`cfm.ode`'s own
+`lax.scan`) hold none, but dopri5 runs in diffrax, whose runtime checks are equinox host
+callbacks, so `sample_dopri5` compiles anew every time unless `EQX_ON_ERROR=nan` is set before
+equinox is imported (a failed check then gives NaNs). `--smoke` narrows the UNet (one level, no
 attention).
 """
 

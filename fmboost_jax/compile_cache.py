@@ -12,8 +12,9 @@ cache off), else `$XDG_CACHE_HOME/fmboost_jax/jax` (`~/.cache/fmboost_jax/jax`).
 configured otherwise (`jax.config.update("jax_compilation_cache_dir", ...)`, or
 `$JAX_COMPILATION_CACHE_DIR`) is left as it is. Programs that compile in under a second are not
 written (JAX's `jax_persistent_cache_min_compile_time_secs`), and neither are programs with host
-callbacks: the fixed-step samplers hold none, the adaptive dopri5's max-steps check is one unless
-it is called with `throw=False` (see `benchmarks/compile_time.py`).
+callbacks: the fixed-step samplers hold none, the adaptive dopri5 (diffrax, whose runtime checks
+are such) does, unless `EQX_ON_ERROR=nan` is set before equinox is imported (see
+`benchmarks/compile_time.py`).
 """
 
 from __future__ import annotations
