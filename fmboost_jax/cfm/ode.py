@@ -169,10 +169,10 @@ def _solve_fixed(velocity_fn: VelocityFn, x0: PyTree, args: Any, solver: str, nu
         x1, k0, k1 = _rk_step(velocity_fn, tab, grid[n], grid[n + 1] - grid[n], x, args)
         if saved is not None:
             here = jnp.asarray(step_of) == n
-            saved = jax.tree.map(
-                lambda sv, a, b, c, d: jnp.where(here.reshape((-1,) + (1,) * a.ndim),
-                                                 _dense(tab, a, b, c, d, jnp.asarray(frac)), sv),
-                saved, x, x1, k0, k1)
+            def update(sv, xa, xb, ka, kb):  # (K + 1, *leaf) saved states, a leaf of each
+                inside = here.reshape((-1,) + (1,) * xa.ndim)
+                return jnp.where(inside, _dense(tab, xa, xb, ka, kb, jnp.asarray(frac)), sv)
+            saved = jax.tree.map(update, saved, x, x1, k0, k1)
         return (x1, saved), None
 
     saved0 = jax.tree.map(lambda v: jnp.broadcast_to(v, (K + 1,) + v.shape), x0) if K else None
