@@ -2,7 +2,7 @@
 
     python benchmarks/compile_time.py                         # configs/demo.py and the released config
     python benchmarks/compile_time.py --configs demo          # quick (CPU: about a minute)
-    python benchmarks/compile_time.py --configs demo --smoke --functions train   # the tests' run
+    python benchmarks/compile_time.py --configs demo --smoke --functions train   # a narrow UNet
 
 For each config and function, a fresh process times its first call, as a command line's first
 step is: trace (`jit(...).lower`), compile (`.compile()`, or the read from the cache), and the run

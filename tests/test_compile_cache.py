@@ -1,9 +1,13 @@
-"""Tests of fmboost_jax/compile_cache.py: where the cache goes, the off switches, and that a
-configured cache directory is never replaced (no compilation)."""
+"""Tests of fmboost_jax/compile_cache.py: where the cache goes, the off switches, that a
+configured cache directory is never replaced (no compilation), and which samplers it stores."""
 
+import os
+import subprocess
+import sys
 
 import jax
 import pytest
+from support import ROOT
 
 from fmboost_jax import compile_cache
 
@@ -80,3 +84,34 @@ def test_upsample_command_has_the_off_flag():
     args = ["--model", "m", "--input", "i", "--output", "o"]
     assert not build_parser().parse_args(args).no_compile_cache
     assert build_parser().parse_args([*args, "--no_compile_cache"]).no_compile_cache
+
+
+# Compiles the tiny config's sampler with argv[1] as the solver in a fresh process whose cache
+# is argv[2] (the command lines' set-up, every program stored however fast it compiles).
+SAMPLER = r"""
+import sys
+import jax
+sys.path.insert(0, "tests")
+import support
+from fmboost_jax import compile_cache
+from fmboost_jax.cfm import sampling
+from fmboost_jax.cfm.model import CFM
+compile_cache.enable(sys.argv[2])
+c = support.tiny_pixel_config()
+cfm = CFM.from_config(c)
+params = jax.jit(cfm.init_params)(jax.random.PRNGKey(0))
+low = jax.numpy.zeros((1, c.low_res_size, c.low_res_size, 3))
+fn = sampling.make_sample_fn(cfm, solver=sys.argv[1], num_steps=2)
+jax.block_until_ready(fn(params, {}, low, jax.random.PRNGKey(1)).images)
+"""
+
+
+@pytest.mark.parametrize("solver, stored", [("euler", True), ("dopri5", False)])
+def test_the_fixed_step_samplers_are_stored_and_diffraxs_dopri5_is_not(solver, stored, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    proc = subprocess.run([sys.executable, "-c", SAMPLER, solver, str(tmp_path)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entries = [f for f in os.listdir(tmp_path) if f.startswith("jit_sample-")]
+    assert len(entries) == (1 if stored else 0), (solver, sorted(os.listdir(tmp_path)))
