@@ -301,14 +301,9 @@ def compared_models(args: argparse.Namespace, up: Any) -> dict[str, tuple[Any, d
 
 
 def write_json(report: dict[str, Any], path: str) -> None:
-    """`report` to `path` atomically (a temporary file in the same folder, then a rename)."""
-    path = paths.resolve(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    """`report` to `path` atomically (`paths.atomic_write`)."""
+    with paths.atomic_write(path) as f:
+        f.write((json.dumps(report, indent=2) + "\n").encode())
 
 
 def summary(report: dict[str, Any]) -> list[str]:

@@ -76,13 +76,11 @@ def output_path(src: str, root: str | None, output: str) -> str:
 
 
 def save_png(image: np.ndarray, path: str, gray: bool = False) -> None:
-    """Writes a uint8 (H, W, 3) image atomically (a temporary name, then a rename); `gray`: as
-    8-bit grayscale (luma), for grayscale inputs."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
+    """Writes a uint8 (H, W, 3) image atomically (`paths.atomic_write`); `gray`: as 8-bit
+    grayscale (luma), for grayscale inputs."""
     img = Image.fromarray(image)
-    (img.convert("L") if gray else img).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with paths.atomic_write(path) as f:
+        (img.convert("L") if gray else img).save(f, format="PNG")
 
 
 def comparison(panels: dict[str, np.ndarray]) -> np.ndarray:

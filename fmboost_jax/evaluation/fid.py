@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
+
+from fmboost_jax import paths
 
 FeatureFn = Callable[[Any], Any]   # images (B, H, W, 3) in [0, 1] -> features (B, D)
 
@@ -62,25 +63,13 @@ class GaussianStats:
 
 def save_npz(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray,
              num_samples: int | None = None) -> None:
-    """Writes statistics to `path` atomically: a temporary file in the same folder, then
-    os.replace. Keys `mu`, `sigma` (pytorch-fid's) and, if given, `num_samples`."""
-    path = os.fspath(path)
+    """Writes statistics to `path` atomically (`paths.atomic_write`). Keys `mu`, `sigma`
+    (pytorch-fid's) and, if given, `num_samples`."""
     arrays = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
     if num_samples is not None:
         arrays["num_samples"] = np.asarray(num_samples, np.int64)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                               prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)                  # mkstemp's 0600 would make the file private
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with paths.atomic_write(path) as f:
+        np.savez(f, **arrays)
 
 
 def load_npz(path: str | os.PathLike) -> GaussianStats:
