@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance w")
     p.add_argument("--seed", type=int, default=0, help="seed of the coupling's noise and the crops")
     p.add_argument("--output", default="results.json", help="JSON file of the results")
+    p.add_argument("--no_compile_cache", action="store_true", help=compile_cache.FLAG_HELP)
     return p
 
 
@@ -319,7 +320,7 @@ def summary(report: dict[str, Any]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
-    compile_cache.enable()      # $FMBOOST_COMPILE_CACHE=off turns it off
+    compile_cache.enable(off=args.no_compile_cache)
     with user_errors_in_one_line(ValueError):   # ConfigError, missing files, bad values
         if os.path.isdir(paths.resolve(args.output)):
             raise ValueError(f"--output {args.output!r} is a folder; give a file name")

@@ -79,11 +79,12 @@ def test_off_also_turns_a_configured_cache_off(unconfigured):
     assert compile_cache.enable() is None
 
 
-def test_upsample_command_has_the_off_flag():
-    from fmboost_jax.upsample import build_parser
-    args = ["--model", "m", "--input", "i", "--output", "o"]
-    assert not build_parser().parse_args(args).no_compile_cache
-    assert build_parser().parse_args([*args, "--no_compile_cache"]).no_compile_cache
+def test_upsample_and_evaluate_commands_have_the_off_flag():
+    from fmboost_jax import evaluate, upsample
+    for parser, args in ((upsample.build_parser(), ["--model", "m", "--input", "i", "--output", "o"]),
+                         (evaluate.build_parser(), ["--model", "m"])):
+        assert not parser.parse_args(args).no_compile_cache
+        assert parser.parse_args([*args, "--no_compile_cache"]).no_compile_cache
 
 
 # Compiles the tiny config's sampler with argv[1] as the solver in a fresh process whose cache
