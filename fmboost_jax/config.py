@@ -130,6 +130,16 @@ def _data() -> ml_collections.ConfigDict:
     ))
 
 
+def _first_stage() -> ml_collections.ConfigDict:
+    """The space of the flow: "identity" (pixels) or a VAE preset whose params `checkpoint` holds
+    (an Orbax directory written by `convert vae`; "random": random weights, for smoke runs)."""
+    return ml_collections.ConfigDict(dict(
+        name="sd_vae", checkpoint="~/fmboost/vae/sd", dtype="auto",
+        tile_size=0, tile_overlap=64,  # encode/decode in blended tiles of this many pixels
+        tile_shared_stats=True,        # tiles normalise with the image's estimated statistics
+    ))
+
+
 def base_config() -> ml_collections.ConfigDict:
     """The paper's released setup, field by field (see the module docstring)."""
     from fmboost_jax.cfm.noising import NUM_TIMESTEPS
@@ -148,14 +158,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.lowres_downsampling = "bilinear"
     c.lowres_antialias = False
 
-    # The space of the flow: "identity" (pixels) or a VAE preset whose params `checkpoint` holds
-    # (an Orbax directory written by `convert vae`; "random": random weights, for smoke runs).
-    c.first_stage = ml_collections.ConfigDict(dict(
-        name="sd_vae", checkpoint="~/fmboost/vae/sd", dtype="auto",
-        tile_size=0, tile_overlap=64,  # encode/decode in blended tiles of this many pixels
-        tile_shared_stats=True,        # tiles normalise with the image's estimated statistics
-    ))
-
+    c.first_stage = _first_stage()
     c.coupling = ml_collections.ConfigDict(dict(
         upsampling_mode="psu",
         upsampling_mode_context="",    # '' = same as upsampling_mode
