@@ -56,12 +56,15 @@ def test_flags_follow_the_switch_the_jaxlib_and_the_users_flags():
     assert xla_cpu.flags_to_add({"XLA_FLAGS": mine}, new) == []
     other = "--xla_force_host_platform_device_count=8"
     assert xla_cpu.flags_to_add({"XLA_FLAGS": other}, new) == list(xla_cpu.FLAGS)
+    # A GPU/TPU host keeps its XLA_FLAGS, unless it asks for the CPU platform.
+    assert xla_cpu.flags_to_add({}, new, accelerator=True) == []
+    assert xla_cpu.flags_to_add({"JAX_PLATFORMS": "cpu"}, new, accelerator=True) == list(xla_cpu.FLAGS)
 
 
 def test_unet_outputs_and_gradients_agree_with_and_without_the_flags(tmp_path):
     tuned, tuned_flags = _run(tmp_path, "tuned")
     plain, plain_flags = _run(tmp_path, "plain", FMBOOST_XLA_CPU="off")
-    if xla_cpu.flags_to_add({}, xla_cpu._jaxlib_version()):
+    if xla_cpu.flags_to_add({}, xla_cpu._jaxlib_version(), xla_cpu._accelerator_installed()):
         assert xla_cpu.FLAGS[0] in tuned_flags
     assert plain_flags == ""
     assert tuned.files == plain.files and len(tuned.files) > 40
