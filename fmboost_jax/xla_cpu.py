@@ -1,10 +1,11 @@
 """XLA's CPU backend set up for this UNet: the one CPU-only speed switch.
 
-XLA's CPU compiler hands convolutions and element-wise fusions to YNNPACK by default (jaxlib >=
-0.9). For the UNet's 3x3 convolutions with 64-192 channels that is 1.7-2.5x slower than XLA's own
-convolution kernels, forward and backward (`benchmarks/bench_unet_step.py`; README, Benchmarks),
-so `FLAGS` keep them out of YNNPACK. The flags only change which CPU kernel runs a convolution:
-outputs agree to float32 rounding (tests/test_xla_cpu.py), and GPU and TPU programs are untouched.
+XLA's CPU compiler hands convolutions and element-wise fusions to YNNPACK by default (jaxlib
+0.10). For the UNet's 3x3 convolutions with 64-192 channels that is 1.8-2.4x slower than XLA's own
+convolution kernels, forward and backward (measured alone; the whole ref15m training step 1.32x,
+README's Benchmarks), so `FLAGS` keep them out of YNNPACK. The flags only change which CPU kernels
+run convolutions and element-wise fusions: outputs agree to float32 rounding
+(tests/test_xla_cpu.py), and GPU and TPU programs are untouched.
 
 `configure()` adds `FLAGS` to `$XLA_FLAGS`; `import fmboost_jax` calls it, so every command line,
 notebook and benchmark gets them. XLA reads `$XLA_FLAGS` once, when JAX first initialises its

@@ -1,5 +1,5 @@
 """Layers shared by the UNet and the VAE: PyTorch-style initialisation, convolutions, dense
-layers, nearest up-sampling, parameter counts. NHWC throughout."""
+layers, nearest up-sampling, GroupNorm statistics, parameter counts. NHWC throughout."""
 
 from __future__ import annotations
 
@@ -34,6 +34,15 @@ def dense(features: int, name: str, dtype: Dtype, zero_init: bool = False) -> nn
 def upsample_nearest(x: Array, factor: int = 2) -> Array:
     """(B, H, W, C) -> (B, factor H, factor W, C), every pixel repeated."""
     return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+
+
+def group_mean(x: Array, groups: int) -> Array:
+    """Mean over positions and each group's channels, (B, ..., C) -> (B, groups), in float32.
+    Sums over the positions first ((B, L, C) -> (B, C): contiguous rows), then over each group's
+    channels: on CPU several times faster than reducing (B, L, G, C/G) over axes (1, 3) at once."""
+    b, c = x.shape[0], x.shape[-1]
+    rows = jnp.sum(x.reshape(b, -1, c).astype(jnp.float32), axis=1)
+    return jnp.sum(rows.reshape(b, groups, c // groups), axis=-1) / (x.size // (b * groups))
 
 
 def count_params(params: Any) -> int:
