@@ -101,7 +101,7 @@ class GroupNorm(nn.Module):
         xg = x.astype(jnp.float32).reshape(b, -1, GROUPS, c // GROUPS)
         given = self.has_variable(NORM_STATS, "mean")
         if self.is_mutable_collection(MEASURED_NORM_STATS) or not given:
-            mean = group_mean(xg, GROUPS)
+            mean = group_mean(x, GROUPS)
             var = group_mean(jnp.square(xg - mean[:, None, :, None]).reshape(x.shape), GROUPS)
             if self.is_mutable_collection(MEASURED_NORM_STATS):
                 self.put_variable(MEASURED_NORM_STATS, "mean", mean)
