@@ -1,4 +1,4 @@
-"""The config: every default in one place, one loader, and the checks every config passes.
+"""The config: its schema, every default in one place, and the one loader of config files.
 
 `base_config()` *is* the paper's released setup (`flow400_64-128/unet-base_psu.yaml` of the
 reference): the SD VAE, 512 -> 1024 px (64² -> 128² latents), PSU with the source noised at step
@@ -8,96 +8,55 @@ from it and change what differs; field names are the reference's (`noising_step`
 `upsampling_mode`, `concat_context`, `channel_mult`, ...).
 
 `load_config("configs/lhq.py:smoke")` (or `"lhq:smoke"`) is the one loader of config files, for
-the command lines, the tests and notebooks. `validate(config)` checks field values and their
-relations without touching files or devices; each component owns its rules
-(`check_config(config)` in its module) and raises `ConfigError` naming the field.
+the command lines, the tests and notebooks. This module sits at the bottom of the package with
+`errors`: it imports no component. The components read their defaults from it (the sampler's
+`SolverOptions`, `NUM_TIMESTEPS`, `MAX_PIXELS`, ...) and own the rules of their fields
+(`check_config(config)` in their module, raising `errors.ConfigError`); whoever runs a config
+checks the components it uses (`train.setup.validate` checks them all), after `check_fields`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import os
-import sys
-import traceback
-from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from fmboost_jax.errors import ConfigError, parse_names
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DTYPE_NAMES = ("auto", *DTYPES)   # "auto": bfloat16 on GPUs and TPUs, float32 on CPUs
 
-
-class ConfigError(ValueError):
-    """A config field holds a value that is not allowed; the message names the field."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"config.{field}: {message}")
-        self.field = field
+NUM_TIMESTEPS = 1000      # the reference's discrete diffusion steps (the noising schedule)
+MAX_PIXELS = 1 << 27      # 134M pixels (11585²): `data.max_pixels`, `--max_pixels`
+NUM_CROPS, CROP_SIZE = 4, 512   # the reference's p-FID: 4 crops of 512² per image
+GUIDANCE_SCALE = 1.0      # classifier-free guidance w; 1: the conditional velocity
 
 
-DEBUG_VARIABLE = "FMBOOST_DEBUG"   # set to 1: user errors raise with their traceback
+class SolverOptions(NamedTuple):
+    """The one table of ODE sampler defaults (`config.sampling` is made from it, `cfm.ode` reads
+    it): the reference's validation sampler, torchdiffeq's rk4 over 40 time points, and its
+    dopri5 tolerances."""
+    solver: str = "rk4"
+    num_steps: int = 39
+    num_points: int = 0                # > 0: the reference's time points, num_steps = N - 1
+    rtol: float = 1e-3
+    atol: float = 1e-6
+    dt0: float = 0.01
+    max_steps: int = 4096
 
 
-@contextlib.contextmanager
-def user_errors_in_one_line(*more: type[Exception]) -> Iterator[None]:
-    """For command lines: a ConfigError, a missing file or one of `more` (the user's input, not
-    a bug) ends the command with one line on stderr and status 2 instead of a traceback
-    (`FMBOOST_DEBUG=1` shows the traceback)."""
-    try:
-        yield
-    except (ConfigError, FileNotFoundError, *more) as err:
-        if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
-def run_app(main: Any) -> None:
-    """`absl.app.run(main)` for the commands with a `--config` flag: a config file whose code
-    fails while the flags are parsed (a syntax error, an exception in `get_config`) ends with
-    one line naming the file and line, status 2; errors once `main` runs are left alone."""
-    from absl import app
-    started = []
-
-    def started_main(argv):
-        started.append(True)
-        return main(argv)
-
-    try:
-        app.run(started_main)
-    except Exception as err:
-        if started or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
-            raise
-        frame = (traceback.extract_tb(err.__traceback__) or [None])[-1]
-        where = (f"{err.filename}, line {err.lineno}" if isinstance(err, SyntaxError) else
-                 f"{frame.filename}, line {frame.lineno}" if frame else "")
-        print(f"error: the config could not be loaded ({where}): {type(err).__name__}: "
-              f"{' '.join(str(err).split())}", file=sys.stderr)
-        sys.exit(2)
-
-
-def config_from_flag(holder: Any) -> ml_collections.ConfigDict:
-    """The value of an ml_collections `--config` flag; a file that does not load is a
-    FileNotFoundError or ConfigError naming it, in one line."""
-    from absl import flags
-    from ml_collections import config_flags
-    try:
-        config = holder.value
-        config.keys()       # a config that failed to load raises on first use
-        return config
-    except OSError as err:
-        name = config_flags.get_config_filename(flags.FLAGS[holder.name])
-        detail = (str(err).strip().splitlines() or [""])[-1].strip()
-        raise FileNotFoundError(f"--config={name} cannot be loaded: {detail}") from None
-    except Exception as err:    # the config file's own code failed
-        name = config_flags.get_config_filename(flags.FLAGS[holder.name])
-        raise ConfigError("file", f"--config={name} failed: {type(err).__name__}: "
-                          f"{' '.join(str(err).split())}") from None
+class SDEOptions(NamedTuple):
+    """The SDE samplers' defaults (the reference's `FlowSDE.sample`); `config.sampling` holds
+    them beside `SolverOptions`, `cfm.sde` reads them."""
+    diffusion_form: str = "sigma"
+    diffusion_norm: float = 1.0
+    last_step: str = "Mean"
+    last_step_size: float = 0.04
 
 
 def dtype(name: str) -> Any:
@@ -109,7 +68,6 @@ def dtype(name: str) -> Any:
 
 def _data() -> ml_collections.ConfigDict:
     """`config.data`: LHQ as a prepared TFDS dataset, and how it is read."""
-    from fmboost_jax.data.images import MAX_PIXELS
     return ml_collections.ConfigDict(dict(
         name="tfds",                   # tfds | folder | latents | skimage_photos
         path="~/tensorflow_datasets",  # TFDS data_dir, image folder or latent records dir
@@ -142,10 +100,6 @@ def _first_stage() -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
     """The paper's released setup, field by field (see the module docstring)."""
-    from fmboost_jax.cfm.noising import NUM_TIMESTEPS
-    from fmboost_jax.cfm.ode import SolverOptions
-    from fmboost_jax.cfm.sampling import GUIDANCE_SCALE
-    from fmboost_jax.cfm.sde import SDEOptions
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.dtype = "auto"                   # UNet compute dtype: auto | float32 | bfloat16
@@ -194,9 +148,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 64                  # global, over all devices (not published by the authors)
     c.total_steps = 300_000
 
-    # The sampler: its defaults are the tables `cfm.ode.SolverOptions` (torchdiffeq's rk4
-    # over 40 time points, the reference's validation sampler; dopri5 tolerances) and
-    # `cfm.sde.SDEOptions` (the reference's SDE sampler), and the guidance scale.
+    # The sampler: its defaults are the tables `SolverOptions` (torchdiffeq's rk4 over 40 time
+    # points, the reference's validation sampler; dopri5 tolerances) and `SDEOptions` (the
+    # reference's SDE sampler), and the guidance scale.
     c.sampling = ml_collections.ConfigDict(dict(
         **SolverOptions()._asdict(), **SDEOptions()._asdict(), guidance_scale=GUIDANCE_SCALE))
 
@@ -221,7 +175,6 @@ def _eval() -> ml_collections.ConfigDict:
     mse and, with converted Inception weights in `inception` ("": skipped), fid, kid and pfid
     (`num_crops` crops of `crop_size`² per image, the reference's 4 and 512), of CFM and the
     `baselines`."""
-    from fmboost_jax.evaluation.benchmark import CROP_SIZE, NUM_CROPS
     return ml_collections.ConfigDict(dict(
         metrics=("psnr", "ssim"), inception="", num_crops=NUM_CROPS, crop_size=CROP_SIZE,
         baselines=("bilinear", "bicubic")))
@@ -243,13 +196,8 @@ def _wandb() -> ml_collections.ConfigDict:
 
 def variants(arg: str | None, known: tuple[str, ...]) -> set[str]:
     """The comma-separated variants of a config file's argument (`lhq:smoke,regression`);
-    ValueError naming an unknown one."""
-    chosen = {v for v in (arg or "").split(",") if v}
-    unknown = sorted(chosen - set(known))
-    if unknown:
-        raise ValueError(f"unknown config variant(s) {', '.join(unknown)}; this config knows "
-                         f"{', '.join(known)}")
-    return chosen
+    UserError naming an unknown one."""
+    return set(parse_names(arg or "", known, "config variant"))
 
 
 def as_regression(c: ml_collections.ConfigDict) -> None:
@@ -305,37 +253,10 @@ def _unknown_fields(cfg: Any, ref: Any, prefix: str = "") -> list[str]:
     return out
 
 
-def check_one_of(config: Any, field: str, allowed: tuple[Any, ...]) -> None:
-    """Raises ConfigError unless the (dotted) `field` of `config` is one of `allowed`."""
-    value = config
-    for part in field.split("."):
-        value = value[part]
-    if value not in allowed:
-        raise ConfigError(field, f"must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-
-
-def check_range(config: Any, field: str, low: float, high: float | None = None) -> None:
-    """Raises ConfigError unless `low <= config.field` (`< high` when given)."""
-    value = config
-    for part in field.split("."):
-        value = value[part]
-    if value < low or (high is not None and value >= high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high})"
-        raise ConfigError(field, f"must be {bound}, got {value}")
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError naming the first offending field; pure (no files, no devices)."""
+def check_fields(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the fields of `config` that the schema does not have (a typo
+    in a config file or a `--config.a.b=` override)."""
     unknown = _unknown_fields(config, base_config())
     if unknown:
         raise ConfigError(unknown[0], "is not a field of the config (unknown: "
                           f"{', '.join('config.' + u for u in unknown)})")
-    from fmboost_jax import first_stage
-    from fmboost_jax.cfm import model, sampling
-    from fmboost_jax.data import pipeline
-    from fmboost_jax.parallel import sharding
-    from fmboost_jax.train import loop, wandb_logging
-    for check in (first_stage.check_config, model.check_config, sampling.check_config,
-                  pipeline.check_config, sharding.check_config, loop.check_config,
-                  wandb_logging.check_config):
-        check(config)

@@ -33,7 +33,8 @@ import ml_collections
 
 from fmboost_jax import compile_cache, paths
 from fmboost_jax import config as config_lib
-from fmboost_jax.config import user_errors_in_one_line
+from fmboost_jax.cli import user_errors_in_one_line
+from fmboost_jax.errors import UserError
 from fmboost_jax.evaluation import benchmark as bm
 
 OVERRIDE_BLOCKS = ("data", "sampling")       # --data.FIELD=VALUE, --sampling.FIELD=VALUE
@@ -96,11 +97,11 @@ def parse_overrides(rest: Sequence[str]) -> dict[str, dict[str, str]]:
         arg = args.pop(0)
         block, dot, field = arg.removeprefix("--").partition(".")
         if not arg.startswith("--") or not dot or block not in out:
-            raise ValueError(f"unrecognized argument {arg!r} (see --help)")
+            raise UserError(f"unrecognized argument {arg!r} (see --help)")
         field, eq, value = field.partition("=")
         if not eq:
             if not args:
-                raise ValueError(f"{arg} needs a value")
+                raise UserError(f"{arg} needs a value")
             value = args.pop(0)
         out[block][field] = value
     return out
@@ -110,19 +111,19 @@ def typed(block: ml_collections.ConfigDict, name: str, field: str, text: str) ->
     """`text` as the type of `block[field]` (bool, int, float, comma-separated tuple, str);
     ValueError naming `--name.field` when the field does not exist or the value does not parse."""
     if field not in block:
-        raise ValueError(f"--{name}.{field}: config.{name} has no field {field!r} (fields: "
+        raise UserError(f"--{name}.{field}: config.{name} has no field {field!r} (fields: "
                          f"{', '.join(sorted(block))})")
     current = block[field]
     try:
         if isinstance(current, bool):
             if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(text)
+                raise UserError(text)
             return text.lower() in ("1", "true", "yes")
         if isinstance(current, (int, float)):
             return type(current)(text)
     except ValueError:
         kind = {bool: "a boolean", int: "an integer", float: "a number"}[type(current)]
-        raise ValueError(f"--{name}.{field}={text!r} is not {kind}") from None
+        raise UserError(f"--{name}.{field}={text!r} is not {kind}") from None
     if isinstance(current, (tuple, list)):
         return tuple(x.strip() for x in text.split(",") if x.strip())
     return text
@@ -191,7 +192,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     for name in ("batch_size", "inception_batch", "num_images", "image_size", "num_crops"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise ValueError(f"--{name} must be >= 1, got {value}")
+            raise UserError(f"--{name} must be >= 1, got {value}")
     compare_specs(args)
 
 
@@ -201,10 +202,10 @@ def compare_specs(args: argparse.Namespace) -> dict[str, str]:
     for spec in args.compare:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"--compare {spec!r}: give NAME=WORKDIR, e.g. "
+            raise UserError(f"--compare {spec!r}: give NAME=WORKDIR, e.g. "
                              "regression=runs/demo_regression")
         if name in ("cfm", *bm.BASELINES) or name in out:
-            raise ValueError(f"--compare {spec!r}: the name {name!r} is taken; choose another")
+            raise UserError(f"--compare {spec!r}: the name {name!r} is taken; choose another")
         out[name] = path
     return out
 
@@ -222,7 +223,7 @@ def fid_setup(args: argparse.Namespace, metrics: tuple[str, ...], config: Any, s
     if "pfid" in asked:
         bm.check_crop(num_crops, crop_size, size)
     if num_images < 2:
-        raise ValueError(f"{', '.join(asked)} need at least 2 images, got {num_images}")
+        raise UserError(f"{', '.join(asked)} need at least 2 images, got {num_images}")
     path = args.inception or bm.default_inception()
     if not os.path.isdir(paths.resolve(path)):
         print(bm.missing_inception(path, asked), file=sys.stderr)
@@ -242,7 +243,7 @@ def run(args: argparse.Namespace, overrides: dict[str, dict[str, str]]) -> dict[
     check_arguments(args)
     metrics = bm.parse_names(args.metrics, bm.METRICS, "--metrics")
     if not metrics:
-        raise ValueError("--metrics is empty: name at least one of " + ", ".join(bm.METRICS))
+        raise UserError("--metrics is empty: name at least one of " + ", ".join(bm.METRICS))
     config = data_config(model_config(args), args, overrides["data"])
     baselines = bm.parse_names(config.eval.baselines if args.baselines is None
                                else args.baselines, bm.BASELINES, "--baselines")
@@ -253,7 +254,7 @@ def run(args: argparse.Namespace, overrides: dict[str, dict[str, str]]) -> dict[
     inception_path = fid_options.pop("inception", None)
     up = load_upsampler(args.model, args.config, vae=args.vae, dtype=args.dtype, step=args.step)
     if size % up.upscale:
-        raise ValueError(f"image size {size} is not a multiple of the model's {up.upscale}x")
+        raise UserError(f"image size {size} is not a multiple of the model's {up.upscale}x")
     up.output_size(size // up.upscale, size // up.upscale)     # names a size it cannot take
     options = up.options(**sampler)
     others = compared_models(args, up)
@@ -295,7 +296,7 @@ def compared_models(args: argparse.Namespace, up: Any) -> dict[str, tuple[Any, d
     for name, path in compare_specs(args).items():
         other = load_upsampler(path, vae=args.vae, dtype=args.dtype)
         if other.upscale != up.upscale:
-            raise ValueError(f"--compare {name}={path}: that model up-samples {other.upscale}x, "
+            raise UserError(f"--compare {name}={path}: that model up-samples {other.upscale}x, "
                              f"--model {up.upscale}x")
         out[name] = (other, other.options())
     return out
@@ -323,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     compile_cache.enable(off=args.no_compile_cache)
     with user_errors_in_one_line(ValueError):   # ConfigError, missing files, bad values
         if os.path.isdir(paths.resolve(args.output)):
-            raise ValueError(f"--output {args.output!r} is a folder; give a file name")
+            raise UserError(f"--output {args.output!r} is a folder; give a file name")
         run(args, parse_overrides(rest))
     return 0
 

@@ -11,16 +11,19 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fmboost_jax import compile_cache
-from fmboost_jax.config import config_from_flag, run_app, user_errors_in_one_line
+from fmboost_jax.cli import config_from_flag, run_app, user_errors_in_one_line
 from fmboost_jax.data.precompute import CHUNK_BATCHES
 from fmboost_jax.parallel import distributed
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config: a file (configs/lhq.py[:arg]) or a name of configs/ (lhq:smoke).",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory for the latent records.")
 _SPLIT = flags.DEFINE_enum("split", "train", ["train", "eval"], "Which part of the source.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Images per step over all devices "
-                              "(default: config.batch_size).")
-_CHUNK = flags.DEFINE_integer("chunk_batches", CHUNK_BATCHES, "Batches per output file.")
+                              "(default: config.batch_size).", lower_bound=0)
+_CHUNK = flags.DEFINE_integer("chunk_batches", CHUNK_BATCHES, "Batches per output file.",
+                              lower_bound=1)
 _STORE_IMAGES = flags.DEFINE_bool("store_images", False, "Also store the uint8 images.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
                                  "Join a multi-process run (see fmboost_jax.train).")

@@ -31,9 +31,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fmboost_jax import compile_cache, paths
-from fmboost_jax.config import user_errors_in_one_line
+from fmboost_jax.cli import user_errors_in_one_line
 from fmboost_jax.data import images as images_lib
 from fmboost_jax.data.sources import list_images
+from fmboost_jax.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,12 +126,12 @@ def read_latents(path: str, channels: int) -> np.ndarray:
         try:
             z = np.load(path, allow_pickle=False)
         except ValueError as err:
-            raise ValueError(f"--input {path!r} is not a numeric .npy array: {err}") from None
+            raise UserError(f"--input {path!r} is not a numeric .npy array: {err}") from None
     else:
         try:
             from safetensors.numpy import load_file
         except ImportError:
-            raise ValueError("reading .safetensors latents needs `pip install safetensors`") from None
+            raise UserError("reading .safetensors latents needs `pip install safetensors`") from None
         tensors = load_file(path)
         z = tensors.get("latents", next(iter(tensors.values()), None))
     z = np.asarray(z, np.float32)
@@ -139,7 +140,7 @@ def read_latents(path: str, channels: int) -> np.ndarray:
     if z.ndim == 4 and z.shape[-1] != channels and z.shape[1] == channels:
         z = z.transpose(0, 2, 3, 1)
     if z.ndim != 4 or z.shape[-1] != channels:
-        raise ValueError(f"--input {path!r}: latents of shape {z.shape} do not have the "
+        raise UserError(f"--input {path!r}: latents of shape {z.shape} do not have the "
                          f"{channels} channels of the model's VAE")
     return z
 
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, int]:
         except ValueError as err:
             skipped += [f"{n}: {err}" for n in names]
             if root is None:
-                raise ValueError(f"--input {args.input!r}: {err}") from None
+                raise UserError(f"--input {args.input!r}: {err}") from None
             bar.update(len(names))
             continue
         out = _boost(model, lowres, jax.random.fold_in(jax.random.PRNGKey(args.seed), i), args)
@@ -221,7 +222,7 @@ def _ground_truth(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     from fmboost_jax.inference.upsampler import largest_output
     h, w = largest_output(model, images.shape[1], images.shape[2])
     if not (h and w):
-        raise ValueError(f"a {images.shape[1]}x{images.shape[2]} image is too small for the "
+        raise UserError(f"a {images.shape[1]}x{images.shape[2]} image is too small for the "
                          f"model's smallest output")
     y, x = (images.shape[1] - h) // 2, (images.shape[2] - w) // 2
     truth = images[:, y:y + h, x:x + w]
@@ -255,7 +256,7 @@ def load_model(args: argparse.Namespace):
     from fmboost_jax.inference.upsampler import Cascade, load_upsampler
     configs = args.config or [None]
     if len(configs) not in (1, len(args.model)):
-        raise ValueError(f"{len(configs)} --config for {len(args.model)} --model: give one per "
+        raise UserError(f"{len(configs)} --config for {len(args.model)} --model: give one per "
                          "model, or one for all")
     stages = [load_upsampler(m, configs[i % len(configs)], vae=args.vae, dtype=args.dtype)
               for i, m in enumerate(args.model)]

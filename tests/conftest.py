@@ -20,6 +20,9 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 os.environ.setdefault("FMBOOST_COMPILE_CACHE", os.path.join(TESTS, ".jax_cache"))
 
 import support  # noqa: E402
+from training_runs import TOTAL, finish, start, steps  # noqa: E402
+
+from fmboost_jax.checkpoints.store import restore_params  # noqa: E402
 
 
 @pytest.fixture
@@ -68,3 +71,13 @@ def smoke_params(tmp_path_factory):
     ckpt.save(path, cfm.init_params(jax.random.PRNGKey(0)))
     ckpt.wait_until_finished()
     return path
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """Final params and EMA params of an uninterrupted single-device run, which the checkpoint
+    and preemption tests compare with."""
+    workdir = tmp_path_factory.mktemp("reference")
+    out = finish(start(workdir))
+    assert steps(workdir)[-1] == TOTAL, out[-3000:]
+    return restore_params(str(workdir), use_ema=False), restore_params(str(workdir))

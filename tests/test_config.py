@@ -9,14 +9,16 @@ import pytest
 from support import ROOT
 
 from fmboost_jax import config as config_lib
-from fmboost_jax.config import ConfigError, base_config, load_config
+from fmboost_jax.config import base_config, load_config
+from fmboost_jax.errors import ConfigError
 from fmboost_jax.models import autoencoder
 from fmboost_jax.train.loop import train_and_evaluate
+from fmboost_jax.train.setup import validate
 
 
 def _assert_invalid(cfg, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        config_lib.validate(cfg)
+        validate(cfg)
 
 
 def test_base_config_is_the_released_setup_field_by_field():
@@ -50,10 +52,10 @@ def test_base_config_is_the_released_setup_field_by_field():
 def test_the_shipped_configs_are_valid_and_load_by_name_or_path(tiny_config):
     for spec in ("demo", "demo:smoke", "lhq", "lhq:smoke", "faceshq", "faceshq:smoke", "lhq_2k",
                  "lhq_2k:smoke", "lhq_cascade", "lhq_cascade:smoke"):
-        config_lib.validate(load_config(spec))
+        validate(load_config(spec))
     by_path = load_config(os.path.join(ROOT, "configs", "faceshq.py") + ":smoke")
     assert by_path == load_config("faceshq:smoke")
-    config_lib.validate(tiny_config)
+    validate(tiny_config)
     with pytest.raises(FileNotFoundError, match="no/such.py"):
         load_config("no/such.py")
 
@@ -74,7 +76,7 @@ def test_a_vae_first_stage_needs_a_checkpoint(tiny_config):
     c.first_stage.update(name="sd3_vae", checkpoint="random")
     c.unet.update(in_channels=32, out_channels=16)
     c.low_res_size, c.high_res_size = 16, 64
-    config_lib.validate(c)
+    validate(c)
     c.first_stage.checkpoint = ""
     _assert_invalid(c, "config.first_stage.checkpoint")         # empty: how to make one
 
@@ -101,7 +103,7 @@ def test_context_off_halves_the_expected_input_channels(tiny_config):
     tiny_config.coupling.concat_context = False
     _assert_invalid(tiny_config, "config.unet.in_channels")
     tiny_config.unet.in_channels = 3
-    config_lib.validate(tiny_config)
+    validate(tiny_config)
 
 
 @pytest.mark.parametrize("field,value,named", [
@@ -192,7 +194,7 @@ def test_an_sde_solver_needs_a_noised_source(tiny_config):
     tiny_config.sampling.solver = "euler_maruyama"
     _assert_invalid(tiny_config, "config.coupling.noising_step")
     tiny_config.coupling.noising_step = 400
-    config_lib.validate(tiny_config)
+    validate(tiny_config)
     tiny_config.sampling.diffusion_form = "cosine"
     _assert_invalid(tiny_config, "config.sampling.diffusion_form")
     tiny_config.sampling.update(diffusion_form="SBDM", last_step="Tweedie")
@@ -213,7 +215,7 @@ def test_an_sde_solver_needs_a_noised_source(tiny_config):
 def test_a_regression_model_takes_any_solver_setting(tiny_config):
     config_lib.as_regression(tiny_config)
     tiny_config.sampling.solver = "euler_maruyama"     # ignored: one pass
-    config_lib.validate(tiny_config)
+    validate(tiny_config)
     tiny_config.coupling.start_from_noise = True
     _assert_invalid(tiny_config, "config.coupling.start_from_noise")
 
@@ -222,7 +224,7 @@ def test_guidance_needs_a_model_trained_with_context_dropout(tiny_config):
     tiny_config.sampling.guidance_scale = 2.0
     _assert_invalid(tiny_config, "config.sampling.guidance_scale")
     tiny_config.coupling.context_dropout = 0.1
-    config_lib.validate(tiny_config)
+    validate(tiny_config)
     tiny_config.coupling.concat_context = False
     tiny_config.unet.in_channels = 3
     _assert_invalid(tiny_config, "config.coupling.context_dropout")

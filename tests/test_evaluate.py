@@ -196,7 +196,8 @@ def test_the_training_evaluator_scores_the_fid_family_as_the_command(fid_report,
 def test_config_eval_is_checked_before_training_starts(tmp_path):
     import support
 
-    from fmboost_jax.config import ConfigError, validate
+    from fmboost_jax.errors import ConfigError
+    from fmboost_jax.train.setup import validate
     c = support.tiny_pixel_config()
     c.eval.metrics = ("psnr,fid",)            # as --config.eval.metrics=psnr,fid gives it
     validate(c)

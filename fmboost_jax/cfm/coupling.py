@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from fmboost_jax.cfm import noising, upsampling
-from fmboost_jax.config import ConfigError, check_one_of
+from fmboost_jax.errors import ConfigError, check_one_of
 
 Array = jax.Array
 

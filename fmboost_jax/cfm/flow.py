@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fmboost_jax.config import ConfigError, check_one_of
+from fmboost_jax.errors import ConfigError, check_one_of
 
 Array = jax.Array
 

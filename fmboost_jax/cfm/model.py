@@ -27,7 +27,7 @@ from fmboost_jax import config as config_lib
 from fmboost_jax.cfm import flow, upsampling
 from fmboost_jax.cfm.coupling import Coupling
 from fmboost_jax.cfm.upsampling import LowRes
-from fmboost_jax.config import ConfigError
+from fmboost_jax.errors import ConfigError, UserError, check_one_of
 from fmboost_jax.first_stage import (
     FirstStage,
     downsample_factor,
@@ -86,7 +86,7 @@ class CFM:
         network cannot take."""
         m, f = self.size_multiple, self.first_stage.downsample_factor
         if image_size[0] % m or image_size[1] % m:
-            raise ValueError(f"output size {image_size[0]}x{image_size[1]} px is not a multiple "
+            raise UserError(f"output size {image_size[0]}x{image_size[1]} px is not a multiple "
                              f"of {m} (the first stage's factor {f} times the UNet's "
                              f"down-sampling {self.unet.downsampling}); choose an input of "
                              f"{m // self.upscale if m % self.upscale == 0 else m}-px multiples")
@@ -114,7 +114,7 @@ class CFM:
         if guidance_scale == 1.0:
             return self.velocity(params, x, t, context)
         if context is None:
-            raise ValueError("guidance needs a model with a context (coupling.concat_context)")
+            raise UserError("guidance needs a model with a context (coupling.concat_context)")
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
         both = self.velocity(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                              jnp.concatenate([jnp.zeros_like(context), context]))
@@ -182,8 +182,8 @@ def check_config(config: Any) -> None:
         raise ConfigError("low_res_size", f"sizes must be positive (low {lo}, high {hi})")
     if hi % lo:
         raise ConfigError("low_res_size", f"{lo} does not divide high_res_size {hi}")
-    config_lib.check_one_of(config, "dtype", config_lib.DTYPE_NAMES)
-    config_lib.check_one_of(config, "lowres_downsampling", ("bilinear", "bicubic"))
+    check_one_of(config, "dtype", config_lib.DTYPE_NAMES)
+    check_one_of(config, "lowres_downsampling", ("bilinear", "bicubic"))
     from fmboost_jax.cfm import coupling
     coupling.check_config(config)
     cp = config.coupling
@@ -193,7 +193,7 @@ def check_config(config: Any) -> None:
                               f"up-sampled one: it needs low_res_size ({lo}) == high_res_size "
                               f"({hi})")
     flow.check_config(config)
-    config_lib.check_one_of(config, "objective", OBJECTIVES)
+    check_one_of(config, "objective", OBJECTIVES)
     if config.objective == "regression":
         for field, bad in (("start_from_noise", cp.start_from_noise),
                            ("noising_step", cp.noising_step > 0)):

@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fmboost_jax.config import NUM_TIMESTEPS
+
 Array = jax.Array
-NUM_TIMESTEPS = 1000      # the reference's discrete diffusion steps
 IM_SIZE = 64              # the reference trainer's `im_size`: no shift of the schedule
 
 

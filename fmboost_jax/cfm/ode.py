@@ -35,23 +35,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fmboost_jax.config import SolverOptions
+from fmboost_jax.errors import UserError
+
 Array = jax.Array
 PyTree = Any
 VelocityFn = Callable[[Array, PyTree, Any], PyTree]
 
 SOLVERS = ("dopri5", "euler", "heun", "midpoint", "rk4", "rk4_classic")
-
-class SolverOptions(NamedTuple):
-    """The one table of sampler defaults (`config.sampling` is made from it): the reference's
-    validation sampler, torchdiffeq's rk4 over 40 time points, and its dopri5 tolerances."""
-    solver: str = "rk4"
-    num_steps: int = 39
-    num_points: int = 0                # > 0: the reference's time points, num_steps = N - 1
-    rtol: float = 1e-3
-    atol: float = 1e-6
-    dt0: float = 0.01
-    max_steps: int = 4096
-
 
 class Tableau(NamedTuple):
     """An explicit Runge-Kutta rule. Stage i evaluates v(t + c[i] h, x + h sum_j a[i][j] k_j); the
@@ -98,20 +89,20 @@ def fixed_steps(num_steps: int, num_points: int = 0) -> int:
     """The steps of a fixed-step solver: `num_points - 1` when the reference's time points are
     given (> 0), else `num_steps`."""
     if num_points and int(num_points) < 2:
-        raise ValueError(f"num_points must be 0 (unset) or >= 2, got {num_points}")
+        raise UserError(f"num_points must be 0 (unset) or >= 2, got {num_points}")
     return int(num_points) - 1 if num_points else int(num_steps)
 
 
 def _check_options(o: SolverOptions, save_intermediates: int) -> None:
     if o.solver not in SOLVERS:
-        raise ValueError(f"Unknown ODE solver {o.solver!r}; valid solvers are {', '.join(SOLVERS)}")
+        raise UserError(f"Unknown ODE solver {o.solver!r}; valid solvers are {', '.join(SOLVERS)}")
     fixed_steps(o.num_steps, o.num_points)
     for name, value, low in (("num_steps", o.num_steps, 1), ("max_steps", o.max_steps, 1),
                              ("save_intermediates", save_intermediates, 0)):
         if int(value) < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
+            raise UserError(f"{name} must be >= {low}, got {value}")
     if o.dt0 is None or (isinstance(o.dt0, (int, float)) and not o.dt0 > 0):
-        raise ValueError(f"dt0 must be > 0, got {o.dt0}")
+        raise UserError(f"dt0 must be > 0, got {o.dt0}")
 
 
 def _save_at(save_intermediates: int) -> diffrax.SaveAt:

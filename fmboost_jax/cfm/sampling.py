@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from fmboost_jax.cfm import ode, sde
 from fmboost_jax.cfm.model import CFM
 from fmboost_jax.cfm.upsampling import LowRes
-from fmboost_jax.config import ConfigError, check_one_of, check_range
+from fmboost_jax.config import GUIDANCE_SCALE
+from fmboost_jax.errors import ConfigError, UserError, check_one_of, check_range
 
 Array = jax.Array
 PyTree = Any
@@ -66,7 +67,7 @@ def sample_latents(cfm: CFM, params: PyTree, fs_params: PyTree, lowres_latents: 
     the latents, up-samples the images in pixel space and encodes them, as at training time."""
     _, h, w, c = lowres_latents.shape
     if c != cfm.first_stage.latent_channels:
-        raise ValueError(f"latents have {c} channels, but the model's first stage has "
+        raise UserError(f"latents have {c} channels, but the model's first stage has "
                          f"{cfm.first_stage.latent_channels} (shape {lowres_latents.shape})")
     f = cfm.first_stage.downsample_factor
     size = cfm.latent_size((h * f * cfm.upscale, w * f * cfm.upscale))
@@ -75,7 +76,6 @@ def sample_latents(cfm: CFM, params: PyTree, fs_params: PyTree, lowres_latents: 
 
 
 SOLVERS = ode.SOLVERS + sde.SOLVERS
-GUIDANCE_SCALE = 1.0      # classifier-free guidance w; 1: the conditional velocity
 
 
 def integrate(cfm: CFM, params: PyTree, fs_params: PyTree, lowres: LowRes,
@@ -101,7 +101,7 @@ def integrate(cfm: CFM, params: PyTree, fs_params: PyTree, lowres: LowRes,
         res = _regress(cfm, params, x0, context, save_intermediates)
     elif solver in sde.SOLVERS:
         if cfm.coupling.source_std == 0:
-            raise ValueError(f"solver {solver!r} needs a noised source (coupling.noising_step > 0 "
+            raise UserError(f"solver {solver!r} needs a noised source (coupling.noising_step > 0 "
                              "or start_from_noise): this model's source has no score")
         steps = ode.fixed_steps(options.get("num_steps", ode.SolverOptions().num_steps),
                                 options.get("num_points", 0))

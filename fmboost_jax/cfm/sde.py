@@ -37,6 +37,8 @@ import numpy as np
 
 from fmboost_jax.cfm.flow import Path
 from fmboost_jax.cfm.ode import ODEResult
+from fmboost_jax.config import SDEOptions
+from fmboost_jax.errors import UserError
 
 Array = jax.Array
 VelocityFn = Callable[[Array, Array, Any], Array]
@@ -45,15 +47,6 @@ SOLVERS = ("euler_maruyama", "sde_heun")
 EVALS_PER_STEP = {"euler_maruyama": 1, "sde_heun": 2}
 DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
 LAST_STEPS = ("Mean", "Euler", "none")
-
-
-class SDEOptions(NamedTuple):
-    """The SDE samplers' defaults (the reference's `FlowSDE.sample`); `config.sampling` holds
-    them beside `ode.SolverOptions`."""
-    diffusion_form: str = "sigma"
-    diffusion_norm: float = 1.0
-    last_step: str = "Mean"
-    last_step_size: float = 0.04
 
 
 class Source(NamedTuple):
@@ -114,7 +107,7 @@ def diffusion(path: Path, t: Array, form: str, norm: float) -> Array:
         return 0.25 * (norm * jnp.cos(math.pi * t) + 1.0) ** 2
     if form == "increasing-decreasing":
         return norm * jnp.sin(math.pi * t) ** 2
-    raise ValueError(f"Unknown diffusion form {form!r}; valid forms are {', '.join(DIFFUSION_FORMS)}")
+    raise UserError(f"Unknown diffusion form {form!r}; valid forms are {', '.join(DIFFUSION_FORMS)}")
 
 
 def time_grid(num_steps: int, last_step: str, last_step_size: float) -> np.ndarray:
@@ -137,16 +130,16 @@ def check_options(solver: str, num_steps: int, o: SDEOptions) -> None:
                                  ("diffusion form", o.diffusion_form, DIFFUSION_FORMS),
                                  ("last step", o.last_step, LAST_STEPS)):
         if value not in allowed:
-            raise ValueError(f"Unknown {name} {value!r}; valid: {', '.join(allowed)}")
+            raise UserError(f"Unknown {name} {value!r}; valid: {', '.join(allowed)}")
     if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        raise UserError(f"num_steps must be >= 1, got {num_steps}")
     if solver == "sde_heun" and o.last_step == "none":
-        raise ValueError("last_step 'none' with sde_heun evaluates the drift at t = 1, where the "
+        raise UserError("last_step 'none' with sde_heun evaluates the drift at t = 1, where the "
                          "score is infinite: use last_step 'Mean' or 'Euler'")
     if o.last_step != "none" and not 0.0 < o.last_step_size < 1.0:
-        raise ValueError(f"last_step_size must be in (0, 1), got {o.last_step_size}")
+        raise UserError(f"last_step_size must be in (0, 1), got {o.last_step_size}")
     if not o.diffusion_norm >= 0:
-        raise ValueError(f"diffusion_norm must be >= 0, got {o.diffusion_norm}")
+        raise UserError(f"diffusion_norm must be >= 0, got {o.diffusion_norm}")
 
 
 def integrate(velocity_fn: VelocityFn, x0: Array, rng: jax.Array, *, path: Path,

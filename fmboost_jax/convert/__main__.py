@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
+from fmboost_jax import cli
 from fmboost_jax import config as config_lib
 from fmboost_jax.convert import __doc__ as DOC
 from fmboost_jax.convert.inception import inception_params_from_torch
@@ -52,20 +52,20 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--src", required=True, help="PyTorch checkpoint (.ckpt/.pt/.bin/.safetensors)")
     parser.add_argument("--dst", required=True, help="output orbax checkpoint directory")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
-    parser.add_argument("--allow-pickle", action="store_true",
+    parser.add_argument("--allow_pickle", action="store_true",
                         help="plain pickle, which runs code the file names: only for files you made "
                              "(Lightning checkpoints load without it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """One subparser per network; each sets `func(args) -> exit code`."""
-    parser = argparse.ArgumentParser(prog="python -m fmboost_jax.convert", description=DOC,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("fmboost_jax.convert", DOC)
     commands = parser.add_subparsers(dest="command", required=True)
 
     unet = commands.add_parser("unet", help="convert the flow-matching EfficientUNet")
     _add_common_arguments(unet)
-    unet.add_argument("--config", required=True, help="ml_collections config file with `config.unet`")
+    unet.add_argument("--config", required=True,
+                      help="config with the `unet` block: a file (file.py[:arg]) or a name (lhq)")
     unet.add_argument("--which", choices=("ema", "model"), default=None,
                       help="EMA or online weights of a training checkpoint (default: EMA if present)")
     unet.set_defaults(func=_run_unet)
@@ -85,16 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    with cli.user_errors_in_one_line():
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as err:   # the user's input, not a bug
-        print(f"error: {err}", file=sys.stderr)
-        return 2
 
 
 def run() -> None:
     """Console script `fmboost-convert`."""
-    sys.exit(main())
+    cli.console(main)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import numpy as np
 from flax import traverse_util
 
 from fmboost_jax import paths
+from fmboost_jax.errors import UserError
 
 Params = dict[str, Any]
 Which = Literal["ema", "model"]
@@ -28,7 +29,7 @@ Layout = Callable[[tuple[str, ...], tuple[int, ...]],
 # Buffers of the reference EMA wrapper; they are not network weights.
 NON_NETWORK_BUFFERS = frozenset({"initted", "step"})
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """The state dict does not match the network: lists missing, unexpected and mis-shaped keys."""
 
 
@@ -65,7 +66,7 @@ def select_network(state_dict: Mapping[str, Any], expected: set[str],
     if isinstance(state_dict.get("state_dict"), Mapping):
         state_dict = state_dict["state_dict"]
     if which not in (None, "ema", "model"):
-        raise ValueError(f"which must be 'ema', 'model' or None, got {which!r}")
+        raise UserError(f"which must be 'ema', 'model' or None, got {which!r}")
     hits = _network_prefixes(list(state_dict), expected)
     # Copies of the network; prefixes with a few stray matches are not.
     top = max(hits.values(), default=0)
@@ -140,17 +141,17 @@ def load_torch_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -
     try:
         import torch
     except ImportError as err:
-        raise ImportError(f"reading {path} needs PyTorch (`pip install torch`)") from err
+        raise UserError(f"reading {path} needs PyTorch (`pip install torch`)") from err
     from fmboost_jax.convert import safe_unpickle
     restricted = {} if allow_pickle else {"pickle_module": safe_unpickle}
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=False, **restricted)
     except Exception as err:
         reason = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
                          f"{reason}): a damaged or partial file, or another kind of file") from None
     if not isinstance(loaded, Mapping):
-        raise ValueError(f"{path} holds {loaded!r}, not a state dict: save `model.state_dict()`")
+        raise UserError(f"{path} holds {loaded!r}, not a state dict: save `model.state_dict()`")
     return dict(loaded)
 
 
@@ -158,11 +159,11 @@ def _load_safetensors(path: str) -> dict[str, Any]:
     try:
         from safetensors.numpy import load_file
     except ImportError as err:
-        raise ImportError(f"reading {path} needs the `safetensors` package") from err
+        raise UserError(f"reading {path} needs the `safetensors` package") from err
     try:
         return dict(load_file(path))
     except Exception as err:
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+        raise UserError(f"{path} is not a readable safetensors file: {err}") from None
 
 
 def save_params(dst: str | os.PathLike, params: Params, overwrite: bool = False) -> str:

@@ -32,6 +32,7 @@ from PIL import Image
 
 from fmboost_jax.data import images as images_lib
 from fmboost_jax.data.sources import list_images
+from fmboost_jax.errors import UserError
 
 MIN_SIZE = 256
 EXTENSIONS = images_lib.EXTENSIONS + (".npy",)
@@ -42,7 +43,7 @@ def split_files(files: list[str]) -> tuple[list[str], list[str]]:
     """(train, validation): the last 1% of the sorted files (at most 1,000, at least 1) validate."""
     n_val = min(MAX_VALIDATION, max(1, int(len(files) * VALIDATION_FRACTION)))
     if len(files) < 2:
-        raise ValueError(f"need at least 2 images to make train and validation splits, got {len(files)}")
+        raise UserError(f"need at least 2 images to make train and validation splits, got {len(files)}")
     return files[:-n_val], files[-n_val:]
 
 
@@ -119,7 +120,7 @@ def usable_images(root: str) -> list[str]:
     good = [f for f, k in zip(files, keep) if k]
     logging.info("%s: %d usable images, %d left out", root, len(good), len(files) - len(good))
     if not good:
-        raise ValueError(f"--manual_dir: no usable image under {root}")
+        raise UserError(f"--manual_dir: no usable image under {root}")
     return good
 
 

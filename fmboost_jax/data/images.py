@@ -18,14 +18,16 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fmboost_jax.config import MAX_PIXELS
+from fmboost_jax.errors import UserError
+
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".gif")
 
 
-class BadImage(ValueError):
+class BadImage(UserError):
     """An input that is not a usable image; the message names the file and the reason."""
 
 
-MAX_PIXELS = 1 << 27   # 134M pixels (11585²): the default of `data.max_pixels`, `--max_pixels`
 _PIL_LIMIT = threading.Lock()
 
 

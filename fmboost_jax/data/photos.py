@@ -12,6 +12,7 @@ import functools
 import numpy as np
 
 from fmboost_jax.data.images import to_float
+from fmboost_jax.errors import UserError
 
 # Colour photos of scikit-image's gallery; grayscale ones are replicated to RGB.
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
@@ -24,7 +25,7 @@ def load_photo(name: str) -> np.ndarray:
     """A scikit-image photo as float32 (H, W, 3) in [-1, 1]."""
     import skimage.data
     if name not in PHOTOS:
-        raise ValueError(f"data.train_photos/eval_photos: unknown photo {name!r}; known: {PHOTOS}")
+        raise UserError(f"data.train_photos/eval_photos: unknown photo {name!r}; known: {PHOTOS}")
     img = getattr(skimage.data, name)()
     if name == "stereo_motorcycle":
         img = img[0]
@@ -37,7 +38,7 @@ def load_photo(name: str) -> np.ndarray:
 def _random_crop(rng: np.random.Generator, img: np.ndarray, size: int) -> np.ndarray:
     h, w = img.shape[:2]
     if h < size or w < size:
-        raise ValueError(f"crop size {size} exceeds a photo of {h}x{w}")
+        raise UserError(f"crop size {size} exceeds a photo of {h}x{w}")
     y, x = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
     return img[y:y + size, x:x + size]
 
@@ -47,7 +48,7 @@ class PhotoCrops:
 
     def __init__(self, photos: tuple[str, ...], crop_size: int, batch_size: int, seed: int):
         if not photos:
-            raise ValueError("data.train_photos is empty: name at least one photo")
+            raise UserError("data.train_photos is empty: name at least one photo")
         self.images = [load_photo(p) for p in photos]
         areas = np.array([i.shape[0] * i.shape[1] for i in self.images], np.float64)
         self.probs = areas / areas.sum()
@@ -66,7 +67,7 @@ class PhotoCrops:
 def eval_crops(photos: tuple[str, ...], crop_size: int, num: int, seed: int = 1234) -> np.ndarray:
     """`num` fixed crops (num, S, S, 3) spread over the held-out photos."""
     if not photos:
-        raise ValueError("data.eval_photos is empty: name at least one held-out photo")
+        raise UserError("data.eval_photos is empty: name at least one held-out photo")
     rng = np.random.default_rng(seed)
     images = [load_photo(p) for p in photos]
     return np.stack([_random_crop(rng, images[i % len(images)], crop_size) for i in range(num)])

@@ -28,9 +28,9 @@ import grain
 import numpy as np
 from absl import logging
 
-from fmboost_jax.config import ConfigError, check_one_of, check_range
 from fmboost_jax.data import images as images_lib
 from fmboost_jax.data import photos, sources
+from fmboost_jax.errors import ConfigError, check_one_of, check_range
 
 NAMES = ("skimage_photos", "folder", "tfds", "latents")
 SKIP_WINDOW, MAX_SKIPPED_FRACTION = 1000, 0.99   # more skipped examples in a window: an error

@@ -46,13 +46,15 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from fmboost_jax import config as config_lib
+from fmboost_jax import first_stage
+from fmboost_jax.cfm import model as cfm_model
 from fmboost_jax.cfm.model import CFM
 from fmboost_jax.cfm.upsampling import resize
-from fmboost_jax.config import ConfigError
 from fmboost_jax.data import images as images_lib
 from fmboost_jax.data import pipeline as data_pipeline
 from fmboost_jax.data import sources
 from fmboost_jax.data.sources import encode_latent_record
+from fmboost_jax.errors import ConfigError, UserError
 from fmboost_jax.parallel import sharding as sharding_lib
 
 
@@ -121,7 +123,7 @@ def _check_layout(workdir: str, info: dict[str, Any]) -> None:
     changed = [k for k in LAYOUT_FIELDS if old.get(k) != info[k]]
     if changed and glob.glob(os.path.join(workdir, "latents-*.array_record")):
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {info[k]!r}" for k in changed)
-        raise ValueError(f"--workdir {workdir!r} holds latent records written with another "
+        raise UserError(f"--workdir {workdir!r} holds latent records written with another "
                          f"layout ({diff}); rerun with the same settings to resume, or write to a "
                          "new --workdir")
 
@@ -182,9 +184,11 @@ def _layout(config, src, split: str, nproc: int, per_chunk: int, store_images: b
 
 def _check(config, batch_size: int, mesh) -> None:
     """Config errors of precomputing, named before any work."""
-    config_lib.validate(config)
-    from fmboost_jax.train.setup import check_resources
-    check_resources(config)
+    config_lib.check_fields(config)
+    for check in (first_stage.check_config, cfm_model.check_config, data_pipeline.check_config,
+                  sharding_lib.check_config, first_stage.check_checkpoint,
+                  sharding_lib.check_devices):
+        check(config)
     if config.data.name not in ("folder", "tfds"):
         raise ConfigError("data.name", f"is {config.data.name!r}: precomputing reads images "
                           "from a 'folder' or 'tfds' source")

@@ -20,7 +20,7 @@ import sys
 from absl import app, flags
 
 from fmboost_jax import paths
-from fmboost_jax.config import run_app, user_errors_in_one_line
+from fmboost_jax.cli import run_app, user_errors_in_one_line
 from fmboost_jax.data import builders
 
 _DATASET = flags.DEFINE_enum("dataset", None, sorted(builders.BUILDERS), "Which dataset to build.")
@@ -49,7 +49,7 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, name: str = "") -> str
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    with user_errors_in_one_line(ValueError):
+    with user_errors_in_one_line():
         out = prepare(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value, _NAME.value)
     print(f"wrote {out}", file=sys.stderr)
 

@@ -22,6 +22,7 @@ from flax import serialization
 
 from fmboost_jax import paths
 from fmboost_jax.data.images import EXTENSIONS
+from fmboost_jax.errors import UserError
 
 
 def list_images(folder: str, extensions: tuple[str, ...] = EXTENSIONS) -> list[str]:
@@ -76,7 +77,7 @@ class TfdsSource:
                 f"--data_dir={data_dir}`)")
         builder = tfds.builder_from_directory(os.fspath(versions[-1]))
         if split not in builder.info.splits:
-            raise ValueError(f"config.data: TFDS dataset {name!r} has no split {split!r} "
+            raise UserError(f"config.data: TFDS dataset {name!r} has no split {split!r} "
                              f"(splits: {sorted(builder.info.splits)})")
         self.source = builder.as_data_source(split=split)
         self.description = f"{root} [{split}]"

@@ -40,7 +40,8 @@ from etils import epath
 
 from fmboost_jax import paths
 from fmboost_jax.cfm.upsampling import resize
-from fmboost_jax.config import ConfigError
+from fmboost_jax.config import CROP_SIZE, NUM_CROPS
+from fmboost_jax.errors import ConfigError, UserError, parse_names
 from fmboost_jax.evaluation import fid as fid_lib
 from fmboost_jax.evaluation import metrics as metrics_lib
 from fmboost_jax.models import inception
@@ -49,7 +50,6 @@ PIXEL_METRICS = {"psnr": metrics_lib.psnr, "ssim": metrics_lib.ssim, "mse": metr
 FID_METRICS = ("fid", "pfid", "kid")
 METRICS = (*FID_METRICS, *PIXEL_METRICS)
 BASELINES = ("nearest", "bilinear", "bicubic", "lanczos3", "lanczos5")   # jax.image.resize's
-NUM_CROPS, CROP_SIZE = 4, 512             # the reference's p-FID: 4 crops of 512² per image
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torchmetrics' KID defaults
 KID_MAX_SAMPLES = 10_000                  # features per set kept for KID (2048 floats each)
 FEW_SAMPLES = inception.FEATURES          # features per set kept for FID from few images
@@ -60,25 +60,13 @@ INCEPTION_SOURCE = "pt_inception-2015-12-05-6726825d.pth"
 
 
 # ------------------------------------------------------------------------ names and checks
-def parse_names(spec: str | Sequence[str], known: Sequence[str], what: str) -> tuple[str, ...]:
-    """"a,b", ("a", "b") or ("a,b",) (an absl flag's tuple) -> ("a", "b"), in the given order
-    without repeats; ValueError naming the unknown ones (`what`: the flag or field)."""
-    items = [spec] if isinstance(spec, str) else list(spec)
-    names = list(dict.fromkeys(n.strip() for item in items for n in item.split(",") if n.strip()))
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"{what}: unknown {', '.join(map(repr, unknown))} (known: "
-                         f"{', '.join(known)})")
-    return tuple(names)
-
-
 def check_crop(num_crops: int, crop_size: int, image_size: int, what: str = "--crop_size"
                ) -> None:
     """ValueError unless `num_crops` >= 1 crops of `crop_size`² fit `image_size`² images."""
     if num_crops < 1:
-        raise ValueError(f"p-FID needs at least 1 crop per image, got num_crops={num_crops}")
+        raise UserError(f"p-FID needs at least 1 crop per image, got num_crops={num_crops}")
     if not 1 <= crop_size <= image_size:
-        raise ValueError(f"{what} {crop_size} does not fit the {image_size}x{image_size} images "
+        raise UserError(f"{what} {crop_size} does not fit the {image_size}x{image_size} images "
                          f"(p-FID crops must be 1 to {image_size} px)")
 
 
@@ -317,7 +305,7 @@ class Benchmark:
     def results(self) -> dict[str, dict[str, float]]:
         """{method: {metric: value}}; ValueError when the FID family has fewer than 2 images."""
         if self.fid is not None and self.num_images < 2:
-            raise ValueError(f"FID and KID need at least 2 images, got {self.num_images}")
+            raise UserError(f"FID and KID need at least 2 images, got {self.num_images}")
         out = {m: {} for m in self.methods}
         for part in (self.pixel.results(), self.fid.results() if self.fid else {}):
             for method, scores in part.items():

@@ -29,6 +29,7 @@ import numpy as np
 from scipy import linalg
 
 from fmboost_jax import paths
+from fmboost_jax.errors import UserError
 
 FeatureFn = Callable[[Any], Any]   # images (B, H, W, 3) in [0, 1] -> features (B, D)
 
@@ -78,17 +79,17 @@ def load_npz(path: str | os.PathLike) -> GaussianStats:
     path = os.fspath(path)
     f = np.load(path, allow_pickle=False)
     if not isinstance(f, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: not an .npz archive with keys 'mu' and 'sigma'")
+        raise UserError(f"{path}: not an .npz archive with keys 'mu' and 'sigma'")
     with f:
         for key in ("mu", "sigma"):
             if key not in f.files:
-                raise ValueError(f"{path}: missing key {key!r} (has {sorted(f.files)})")
+                raise UserError(f"{path}: missing key {key!r} (has {sorted(f.files)})")
         mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
         n = int(f["num_samples"]) if "num_samples" in f.files else None
     if mu.ndim != 1:
-        raise ValueError(f"{path}: key 'mu' must have shape (D,), got {mu.shape}")
+        raise UserError(f"{path}: key 'mu' must have shape (D,), got {mu.shape}")
     if sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{path}: key 'sigma' must have shape {(mu.shape[0],) * 2} to match "
+        raise UserError(f"{path}: key 'sigma' must have shape {(mu.shape[0],) * 2} to match "
                          f"'mu' {mu.shape}, got {sigma.shape}")
     return GaussianStats(mu, sigma, n)
 

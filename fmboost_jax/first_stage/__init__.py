@@ -14,11 +14,14 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import jax
+from etils import epath
 
 from fmboost_jax import config as config_lib
-from fmboost_jax.config import ConfigError
+from fmboost_jax import paths
+from fmboost_jax.errors import ConfigError, check_one_of
 from fmboost_jax.first_stage import tiling
 from fmboost_jax.first_stage.vae import (
+    RANDOM_WEIGHTS,
     AutoencoderFirstStage,
     missing_checkpoint_message,
 )
@@ -96,11 +99,20 @@ def first_stage_from_config(config: Any) -> FirstStage:
                                  dtype=config_lib.dtype(fs.dtype), tiling=tiles)
 
 
-def check_config(config: Any) -> None:
-    """The rules of `config.first_stage` and the sizes it must divide."""
+def check_checkpoint(config: Any) -> None:
+    """The VAE checkpoint of `config.first_stage` exists (local or on a bucket); ConfigError
+    saying how to make one otherwise."""
     fs = config.first_stage
-    config_lib.check_one_of(config, "first_stage.name", NAMES)
-    config_lib.check_one_of(config, "first_stage.dtype", config_lib.DTYPE_NAMES)
+    if fs.name != "identity" and fs.checkpoint != RANDOM_WEIGHTS:
+        if not epath.Path(paths.resolve(fs.checkpoint)).exists():
+            raise ConfigError("first_stage.checkpoint", missing_checkpoint_message(fs.checkpoint))
+
+
+def check_config(config: Any) -> None:
+    """The rules of `config.first_stage` and the sizes it must divide (no files read)."""
+    fs = config.first_stage
+    check_one_of(config, "first_stage.name", NAMES)
+    check_one_of(config, "first_stage.dtype", config_lib.DTYPE_NAMES)
     factor = downsample_factor(config)
     if fs.name != "identity":
         if not fs.checkpoint:

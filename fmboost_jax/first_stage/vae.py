@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from fmboost_jax import paths
+from fmboost_jax.errors import UserError
 from fmboost_jax.first_stage import tiling as tiling_lib
 from fmboost_jax.models import autoencoder
 
@@ -116,7 +117,7 @@ def load_autoencoder_params(path: str, model: autoencoder.AutoencoderKL) -> PyTr
     try:
         return ocp.StandardCheckpointer().restore(paths.resolve(path), target)
     except Exception as err:
-        raise ValueError(f"config.first_stage.checkpoint={path!r} does not hold the params of a "
+        raise UserError(f"config.first_stage.checkpoint={path!r} does not hold the params of a "
                          f"{model.config.z_channels}-channel VAE with ch={model.config.ch}, "
                          f"ch_mult={model.config.ch_mult}: {type(err).__name__}: "
                          f"{str(err).strip()[:500]}") from err

@@ -14,11 +14,13 @@ from typing import Any
 
 import jax
 
+from fmboost_jax.errors import UserError
+
 GiB = 2.0 ** 30
 HEADROOM = 0.9            # use at most this fraction of what is free
 
 
-class TooLarge(ValueError):
+class TooLarge(UserError):
     """A boost whose estimated memory exceeds what the device has; the message says what fits."""
 
 

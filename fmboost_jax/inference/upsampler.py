@@ -24,11 +24,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fmboost_jax import compile_cache, paths
+from fmboost_jax import compile_cache, first_stage, paths
 from fmboost_jax import config as config_lib
+from fmboost_jax.cfm import model as cfm_model
 from fmboost_jax.cfm import sampling
 from fmboost_jax.cfm.model import CFM
 from fmboost_jax.cfm.upsampling import resize
+from fmboost_jax.checkpoints import store
+from fmboost_jax.errors import UserError
 from fmboost_jax.inference import memory
 
 PyTree = Any
@@ -63,7 +66,7 @@ class Upsampler:
         options = sampling.solver_options(self.config.sampling)
         unknown = sorted(set(overrides) - set(options) - set(_CALL_OPTIONS))
         if unknown:
-            raise ValueError(f"unknown sampler option(s) {', '.join(unknown)}; valid: "
+            raise UserError(f"unknown sampler option(s) {', '.join(unknown)}; valid: "
                              f"{', '.join((*options, *_CALL_OPTIONS))}")
         options.update({k: v for k, v in overrides.items() if v is not None})
         config = self.config.copy_and_resolve_references()
@@ -111,7 +114,7 @@ class Upsampler:
         (B, h * upscale, w * upscale, 3), latents and solver stats (NFE, steps)."""
         x = jnp.asarray(lowres_images, jnp.float32)
         if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"low-res images must be (B, h, w, 3), got shape {x.shape}")
+            raise UserError(f"low-res images must be (B, h, w, 3), got shape {x.shape}")
         self.output_size(x.shape[1], x.shape[2])                   # names a bad size
         return self._run(x, rng, False, self.options(solver=solver, num_steps=num_steps, **options))
 
@@ -124,7 +127,7 @@ class Upsampler:
         z = jnp.asarray(lowres_latents, jnp.float32)
         c = self.cfm.first_stage.latent_channels
         if z.ndim != 4 or z.shape[-1] != c:
-            raise ValueError(f"latents must be (B, h, w, {c}) for this model's first stage, got "
+            raise UserError(f"latents must be (B, h, w, {c}) for this model's first stage, got "
                              f"shape {z.shape}")
         f = self.cfm.first_stage.downsample_factor
         self.cfm.latent_size((z.shape[1] * f * self.upscale, z.shape[2] * f * self.upscale))
@@ -140,11 +143,11 @@ class Cascade:
 
     def __post_init__(self):
         if not self.stages:
-            raise ValueError("a cascade needs at least one stage")
+            raise UserError("a cascade needs at least one stage")
         spaces = [_latent_space(s) for s in self.stages]
         for i in range(1, len(spaces)):
             if spaces[i] != spaces[0]:
-                raise ValueError(f"cascade stage {i} works in another latent space than stage 0 "
+                raise UserError(f"cascade stage {i} works in another latent space than stage 0 "
                                  f"({spaces[i]} vs {spaces[0]}): the stages must share the VAE")
 
     @property
@@ -239,10 +242,9 @@ def _params(path: str, is_workdir: bool, cfm: CFM, step: int | None
             ) -> tuple[PyTree, int | None]:
     """EMA params of a workdir's latest usable (or given) checkpoint and its step, or converted
     params (step None)."""
-    from fmboost_jax.train import checkpointing
     if is_workdir:
         try:
-            return checkpointing.restore_params(path, use_ema=True, step=step, with_step=True)
+            return store.restore_params(path, use_ema=True, step=step, with_step=True)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path!r} holds no checkpoint yet: train it first "
                                     "(`python -m fmboost_jax.train ... --workdir=...`)") from None
@@ -267,7 +269,7 @@ def load_upsampler(path: str, config: Any = None, *, vae: str | None = None,
     is_workdir = os.path.exists(os.path.join(paths.resolve(path), CONFIG_FILE))
     if config is None:
         if not is_workdir:
-            raise ValueError(f"{path!r} is not a training workdir (no {CONFIG_FILE}): pass the "
+            raise UserError(f"{path!r} is not a training workdir (no {CONFIG_FILE}): pass the "
                              "config of the converted params (config=...)")
         config = read_run_config(path)
     elif isinstance(config, str):
@@ -278,19 +280,11 @@ def load_upsampler(path: str, config: Any = None, *, vae: str | None = None,
             config.first_stage.checkpoint = vae
         if dtype is not None:
             config.dtype = config.first_stage.dtype = dtype
-    config_lib.validate(config)
-    from fmboost_jax.train.setup import check_resources
-    check_resources(_one_device(config))
+    config_lib.check_fields(config)
+    for check in (first_stage.check_config, cfm_model.check_config, sampling.check_config,
+                  first_stage.check_checkpoint):
+        check(config)
     cfm = CFM.from_config(config)
     params, restored = _params(path, is_workdir, cfm, step)
     fs_params = cfm.first_stage.init_params(jax.random.PRNGKey(0))
     return Upsampler(cfm, params, fs_params, config, step=restored)
-
-
-def _one_device(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config with a batch and mesh that any machine satisfies (inference checks the VAE
-    checkpoint, not the training layout)."""
-    c = config.copy_and_resolve_references()
-    c.mesh, c.batch_size = (("data", -1), ("fsdp", 1)), jax.device_count()
-    return c
-

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmboost_jax import paths
+from fmboost_jax.errors import UserError
 
 Array = jax.Array
 Variables = dict[str, Any]          # {"params": ..., "batch_stats": ...}
@@ -305,5 +306,5 @@ def load_inception(path: str) -> Variables:
     try:
         return dict(ocp.StandardCheckpointer().restore(paths.resolve(path), variable_shapes()))
     except Exception as err:
-        raise ValueError(f"{path!r} does not hold the FID Inception-v3 variables: "
+        raise UserError(f"{path!r} does not hold the FID Inception-v3 variables: "
                          f"{type(err).__name__}: {str(err).strip()[:500]}") from err

@@ -20,6 +20,8 @@ import os
 import jax
 from absl import logging
 
+from fmboost_jax.errors import UserError
+
 MODES = ("auto", "on", "off")
 
 
@@ -30,7 +32,7 @@ def _env_int(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"Environment variable {name}={value!r} is not an integer") from None
+        raise UserError(f"Environment variable {name}={value!r} is not an integer") from None
 
 
 def initialize(mode: str = "auto", coordinator_address: str | None = None,
@@ -41,7 +43,7 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
     than one process; "on" always calls `jax.distributed.initialize` (TPU pods); "off" never.
     """
     if mode not in MODES:
-        raise ValueError(f"--distributed must be one of {MODES}, got {mode!r}")
+        raise UserError(f"--distributed must be one of {MODES}, got {mode!r}")
     if mode == "off":
         return False
     coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
@@ -52,7 +54,7 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
     if mode == "auto" and not slurm and (num_processes or 1) <= 1:
         return False
     if mode == "auto" and not slurm and None in explicit:
-        raise ValueError("A multi-process run needs the coordinator address, the number of "
+        raise UserError("A multi-process run needs the coordinator address, the number of "
                          "processes and this process's id (flags --coordinator_address, "
                          "--num_processes, --process_id or the JAX_* variables); got "
                          f"{explicit}")

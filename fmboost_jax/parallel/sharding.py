@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fmboost_jax.config import ConfigError
+from fmboost_jax.errors import ConfigError
 
 PyTree = Any
 DATA_AXES = ("data", "fsdp")     # the batch dimension is split over both
@@ -42,6 +42,19 @@ def check_config(config: Any) -> None:
         _check_axes(config.mesh)
     except (ValueError, TypeError) as e:
         raise ConfigError("mesh", str(e).removeprefix("config.mesh: ")) from None
+
+
+def check_devices(config: Any) -> None:
+    """`config.mesh` fits the devices of this run and `config.batch_size` splits over them;
+    ConfigError naming the field otherwise."""
+    try:
+        mesh_shape(config.mesh, jax.device_count())
+    except ValueError as e:
+        raise ConfigError("mesh", str(e).removeprefix("config.mesh: ")) from None
+    if config.batch_size % jax.device_count():
+        raise ConfigError("batch_size", f"{config.batch_size} is not divisible by the "
+                          f"{jax.device_count()} devices ({jax.process_count()} processes) it is "
+                          "split over")
 
 
 def mesh_shape(axes: Sequence[tuple[str, int]], num_devices: int) -> tuple[int, ...]:

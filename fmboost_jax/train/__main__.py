@@ -13,10 +13,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fmboost_jax import compile_cache
-from fmboost_jax.config import config_from_flag, run_app, user_errors_in_one_line
+from fmboost_jax.cli import config_from_flag, run_app, user_errors_in_one_line
 from fmboost_jax.parallel import distributed
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config: a file (configs/lhq.py[:arg]) or a name of configs/ (lhq:smoke).",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples "
                                "(local or gs://).")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
@@ -70,7 +72,7 @@ def main(argv):
     compile_cache.enable(off=_NO_COMPILE_CACHE.value)
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                            _PROCESS_ID.value)
-    from fmboost_jax.train.checkpointing import CheckpointError  # after the processes connect
+    from fmboost_jax.checkpoints.store import CheckpointError  # after the processes connect
     from fmboost_jax.train.loop import train_and_evaluate
     with user_errors_in_one_line(CheckpointError):
         train_and_evaluate(config_from_flag(_CONFIG), _WORKDIR.value)

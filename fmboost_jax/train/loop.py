@@ -19,17 +19,15 @@ from etils import epath
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fmboost_jax import config as config_lib
 from fmboost_jax.cfm import sampling
-from fmboost_jax.config import check_range
+from fmboost_jax.checkpoints import store
 from fmboost_jax.parallel import sharding as sharding_lib
-from fmboost_jax.train import checkpointing
 from fmboost_jax.train.metric_writer import MetricWriter
 from fmboost_jax.train.preemption import PreemptionWatcher
-from fmboost_jax.train.setup import Run, build_run, startup_checks
+from fmboost_jax.train.setup import Run, build_run, startup_checks, validate
 from fmboost_jax.train.step import check_finite
 
-restore_params = checkpointing.restore_params  # for notebooks: `loop.restore_params(workdir)`
+restore_params = store.restore_params  # for notebooks: `loop.restore_params(workdir)`
 
 
 def due(step: int, every: int, total: int) -> bool:
@@ -59,7 +57,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     On a preemption notice (SIGTERM) it saves at the next step boundary and returns early with
     `{"preempted": True, "step": ...}`.
     """
-    config_lib.validate(config)          # fail before any work is wasted or a file written
+    validate(config)                   # fail before any work is wasted or a file written
     startup_checks(config)
     if jax.process_index() == 0:
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -81,7 +79,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if pending is not None:
                 check_finite(*pending, last_saved)
             pending = (step, metrics)
-            checkpointing.check(run.checkpoints)   # a failed background save stops the run now
+            store.check(run.checkpoints)   # a failed background save stops the run now
             run.meter.tick()
             bar.update(1)
             preempted = watcher.reached(step)
@@ -98,7 +96,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                 img_s=f"{metrics['images_per_sec']:.1f}")
                 logging.info(run.meter.line(step, metrics))
             if save_now:
-                checkpointing.save(run.checkpoints, step, run.state, run.train_iter)
+                store.save(run.checkpoints, step, run.state, run.train_iter)
                 last_saved = step
             if preempted:
                 logging.warning("Preemption notice: saved step %d; exiting.", step)
@@ -116,7 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         watcher.close()
         run.train_iter.close()                 # stops the input pipeline's worker processes
         # An in-flight save completes, even on failure; its own error then yields to the first.
-        checkpointing.wait(run.checkpoints, raise_error=completed)
+        store.wait(run.checkpoints, raise_error=completed)
     final = {"preempted": True, "step": int(run.state.step)} if preempted else \
         finish(run, writer, workdir, results)
     writer.close()
@@ -134,16 +132,3 @@ def finish(run: Run, writer: MetricWriter, workdir: str, results: dict | None) -
     if jax.process_index() == 0:
         (epath.Path(workdir) / "eval.json").write_text(json.dumps(final, indent=2))
     return final
-
-
-def check_config(config: Any) -> None:
-    """The rules of the run's own fields (steps, periods, checkpoints, batch)."""
-    for field in ("batch_size", "total_steps", "log_every", "eval_every", "checkpoint_every",
-                  "keep_checkpoints", "fsdp_min_size", "num_grid_images"):
-        check_range(config, field, 1)
-    for field in ("keep_every", "eval_batch_size"):
-        check_range(config, field, 0)
-    from fmboost_jax.evaluation import benchmark
-    from fmboost_jax.train import state
-    state.check_config(config)
-    benchmark.check_config(config)

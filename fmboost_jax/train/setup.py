@@ -1,5 +1,6 @@
 """Everything a training run needs before its first step, built from the config.
 
+`validate(config)` checks every field of a training config (each component's `check_config`);
 `startup_checks(config)` runs the checks of files, devices and data together, before anything is
 written; `build_run(config, workdir)` makes the mesh, the model, the sharded state (restored from
 the latest checkpoint when there is one), the input pipeline, the evaluator and the compiled
@@ -16,18 +17,21 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
-from etils import epath
 
-from fmboost_jax import paths
+from fmboost_jax import config as config_lib
+from fmboost_jax import first_stage
+from fmboost_jax.cfm import model as cfm_model
+from fmboost_jax.cfm import sampling
 from fmboost_jax.cfm.model import CFM
-from fmboost_jax.config import ConfigError
+from fmboost_jax.checkpoints import store
 from fmboost_jax.data import pipeline as data_pipeline
+from fmboost_jax.errors import check_range
 from fmboost_jax.evaluation import benchmark
 from fmboost_jax.evaluation.evaluator import Evaluator
-from fmboost_jax.first_stage.vae import RANDOM_WEIGHTS, missing_checkpoint_message
 from fmboost_jax.models.layers import count_params
 from fmboost_jax.parallel import sharding as sharding_lib
-from fmboost_jax.train import checkpointing, wandb_logging
+from fmboost_jax.train import state as state_lib
+from fmboost_jax.train import wandb_logging
 from fmboost_jax.train.meter import Meter, flops_of, peak_tflops
 from fmboost_jax.train.state import TrainState, create_train_state, make_optimizer
 from fmboost_jax.train.step import make_train_step
@@ -35,21 +39,32 @@ from fmboost_jax.train.step import make_train_step
 PyTree = Any
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """The rules of the run's own fields (steps, periods, checkpoints, batch)."""
+    for field in ("batch_size", "total_steps", "log_every", "eval_every", "checkpoint_every",
+                  "keep_checkpoints", "fsdp_min_size", "num_grid_images"):
+        check_range(config, field, 1)
+    for field in ("keep_every", "eval_batch_size"):
+        check_range(config, field, 0)
+    state_lib.check_config(config)
+    benchmark.check_config(config)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Every rule of a training config, component by component: ConfigError naming the first
+    offending field; pure (no files, no devices)."""
+    config_lib.check_fields(config)
+    for check in (first_stage.check_config, cfm_model.check_config, sampling.check_config,
+                  data_pipeline.check_config, sharding_lib.check_config, check_config,
+                  wandb_logging.check_config):
+        check(config)
+
+
 def check_resources(config: ml_collections.ConfigDict) -> None:
     """The config against this machine: the VAE checkpoint exists, the mesh fits the devices
     and the batch splits over them. Raises ConfigError naming the field."""
-    fs = config.first_stage
-    if fs.name != "identity" and fs.checkpoint != RANDOM_WEIGHTS:
-        if not epath.Path(paths.resolve(fs.checkpoint)).exists():
-            raise ConfigError("first_stage.checkpoint", missing_checkpoint_message(fs.checkpoint))
-    try:
-        sharding_lib.mesh_shape(config.mesh, jax.device_count())
-    except ValueError as e:
-        raise ConfigError("mesh", str(e).removeprefix("config.mesh: ")) from None
-    if config.batch_size % jax.device_count():
-        raise ConfigError("batch_size", f"{config.batch_size} is not divisible by the "
-                          f"{jax.device_count()} devices ({jax.process_count()} processes) it is "
-                          "split over")
+    first_stage.check_checkpoint(config)
+    sharding_lib.check_devices(config)
 
 
 def startup_checks(config: ml_collections.ConfigDict) -> None:
@@ -85,7 +100,7 @@ def _state(config: ml_collections.ConfigDict, cfm: CFM, tx: optax.GradientTransf
     abstract = jax.eval_shape(init, *rngs)
     shardings = sharding_lib.state_shardings(abstract, mesh, config.fsdp_min_size)
     logging.info("UNet parameters: %s", f"{count_params(abstract.params):,}")
-    restored = checkpointing.restore(mngr, checkpointing.abstract_with_shardings(abstract,
+    restored = store.restore(mngr, store.abstract_with_shardings(abstract,
                                                                                   shardings))
     if restored is None:
         return jax.jit(init, out_shardings=shardings)(*rngs), None, shardings
@@ -115,7 +130,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     init_rng, fs_rng, state_rng, eval_rng = jax.random.split(jax.random.PRNGKey(config.seed), 4)
     fs_params = sharding_lib.put_replicated(cfm.first_stage.init_params(fs_rng), mesh)
     tx = make_optimizer(config.optim)
-    mngr = checkpointing.checkpoint_manager(workdir, config.keep_checkpoints, config.keep_every)
+    mngr = store.checkpoint_manager(workdir, config.keep_checkpoints, config.keep_every)
     state, data_state, shardings = _state(config, cfm, tx, mesh, mngr, (init_rng, state_rng))
     train_iter = _train_iterator(config, int(state.step), data_state)
     evaluator = Evaluator(cfm, config, data_pipeline.eval_images(config), mesh)

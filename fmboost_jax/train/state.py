@@ -78,7 +78,7 @@ def create_train_state(params: PyTree, tx: optax.GradientTransformation,
 
 def check_config(config: Any) -> None:
     """The rules of `config.optim` and `config.ema`."""
-    from fmboost_jax.config import check_range
+    from fmboost_jax.errors import check_range
     check_range(config, "optim.lr", 0)
     check_range(config, "optim.warmup_steps", 0)
     check_range(config, "optim.weight_decay", 0)

@@ -19,7 +19,7 @@ import numpy as np
 from etils import epath
 
 from fmboost_jax import paths
-from fmboost_jax.config import ConfigError, check_one_of
+from fmboost_jax.errors import ConfigError, check_one_of
 
 MODES = ("online", "offline", "disabled")   # wandb.init(mode=...)
 ID_FILE = "wandb_id.txt"

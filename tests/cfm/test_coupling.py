@@ -7,7 +7,8 @@ import pytest
 
 from fmboost_jax.cfm import noising
 from fmboost_jax.cfm.coupling import Coupling
-from fmboost_jax.config import ConfigError, base_config
+from fmboost_jax.config import base_config
+from fmboost_jax.errors import ConfigError
 
 
 def coupling(**fields):

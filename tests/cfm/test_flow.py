@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from fmboost_jax.cfm import flow
-from fmboost_jax.config import ConfigError, base_config
+from fmboost_jax.config import base_config
+from fmboost_jax.errors import ConfigError
 
 
 @pytest.fixture

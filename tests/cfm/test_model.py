@@ -11,9 +11,10 @@ from support import config, tiny_pixel_config
 
 from fmboost_jax.cfm.model import CFM
 from fmboost_jax.cfm.upsampling import LowRes, upsample
-from fmboost_jax.config import ConfigError, validate
 from fmboost_jax.data import photos
+from fmboost_jax.errors import ConfigError
 from fmboost_jax.first_stage import AutoencoderFirstStage
+from fmboost_jax.train.setup import validate
 
 MODES = ("psu", "bilinear", "nearest", "noise_upsampling")
 PAIRS = list(itertools.product(MODES, MODES + ("",)))

@@ -3,7 +3,7 @@
 import pytest
 from support import config, tiny_pixel_config
 
-from fmboost_jax.config import ConfigError
+from fmboost_jax.errors import ConfigError
 from fmboost_jax.first_stage import (
     AutoencoderFirstStage,
     IdentityFirstStage,

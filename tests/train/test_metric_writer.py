@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from fmboost_jax import config as config_lib
-from fmboost_jax.config import ConfigError
+from fmboost_jax.errors import ConfigError
 from fmboost_jax.train import wandb_logging
 from fmboost_jax.train.metric_writer import MetricWriter
+from fmboost_jax.train.setup import validate
 
 
 def test_metrics_are_appended_as_json_lines_and_tensorboard_events(tmp_path):
@@ -118,7 +119,7 @@ def test_offline_wandb_run_holds_the_metrics_and_resumes_under_the_same_id(tmp_p
 def test_missing_wandb_is_one_clear_config_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)      # `import wandb` raises ImportError
     config = _wandb_config()
-    config_lib.validate(config)                          # the config itself is fine
+    validate(config)                          # the config itself is fine
     for attempt in (lambda: wandb_logging.check_installed(config),
                     lambda: MetricWriter(str(tmp_path), config)):
         with pytest.raises(ConfigError) as err:
@@ -134,7 +135,7 @@ def test_missing_wandb_is_one_clear_config_error(tmp_path, monkeypatch):
 def test_bad_wandb_fields_are_config_errors(field, value):
     config = _wandb_config(**{field: value})
     with pytest.raises(ConfigError, match=f"config.wandb.{field}"):
-        config_lib.validate(config)
+        validate(config)
 
 
 def test_the_default_config_never_imports_wandb(tmp_path):
@@ -144,7 +145,7 @@ def test_the_default_config_never_imports_wandb(tmp_path):
         from fmboost_jax import config as config_lib
         from fmboost_jax.train import loop, setup, wandb_logging
         config = config_lib.base_config()
-        config_lib.validate(config)
+        validate(config)
         wandb_logging.check_installed(config)
         writer = loop.MetricWriter(sys.argv[1], config)
         writer.write(1, {"loss": 0.5})

@@ -19,7 +19,7 @@ from training_runs import (
     wait_for_checkpoint,
 )
 
-from fmboost_jax.train.checkpointing import restore_params
+from fmboost_jax.checkpoints.store import restore_params
 
 
 @pytest.mark.slow

@@ -2,8 +2,8 @@
 
 import pytest
 
-from fmboost_jax.config import ConfigError, validate
-from fmboost_jax.train.setup import check_resources, startup_checks
+from fmboost_jax.errors import ConfigError
+from fmboost_jax.train.setup import check_resources, startup_checks, validate
 
 
 def test_the_mesh_and_the_batch_must_fit_this_machines_devices(tiny_config):

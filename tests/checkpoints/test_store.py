@@ -1,4 +1,4 @@
-"""Tests of fmboost_jax/train/checkpointing.py: a run killed at ten random moments resumes
+"""Tests of fmboost_jax/train/store.py: a run killed at ten random moments resumes
 bitwise equal, a run saved on 8 devices with FSDP resumes on 4, and the retention policy."""
 
 import random
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from training_runs import TOTAL, finish, max_diff, start, steps
 
-from fmboost_jax.train.checkpointing import restore_params
+from fmboost_jax.checkpoints.store import restore_params
 
 KILLS = 10
 
@@ -77,7 +77,7 @@ def test_a_run_saved_on_8_devices_with_fsdp_resumes_on_4(reference, tmp_path):
 def test_checkpoints_keep_the_latest_n_plus_every_kth_step(tmp_path):
     import jax.numpy as jnp
 
-    from fmboost_jax.train import checkpointing
+    from fmboost_jax.checkpoints import store
 
     class Position:  # the smallest input-pipeline state
         def __init__(self, step):
@@ -86,13 +86,13 @@ def test_checkpoints_keep_the_latest_n_plus_every_kth_step(tmp_path):
         def get_state(self):
             return {"step": self.step}
 
-    mngr = checkpointing.checkpoint_manager(str(tmp_path), keep=2, keep_every=4)
+    mngr = store.checkpoint_manager(str(tmp_path), keep=2, keep_every=4)
     for step in range(1, 11):
-        checkpointing.save(mngr, step, {"w": jnp.full((3,), float(step))}, Position(step))
+        store.save(mngr, step, {"w": jnp.full((3,), float(step))}, Position(step))
     mngr.wait_until_finished()
     assert sorted(mngr.all_steps()) == [4, 8, 9, 10]
     abstract = {"w": jax.ShapeDtypeStruct((3,), jnp.float32,
                                           sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
-    state, data = checkpointing.restore(mngr, abstract, step=8)
+    state, data = store.restore(mngr, abstract, step=8)
     assert state["w"].tolist() == [8.0] * 3 and data == {"step": 8}
     mngr.close()

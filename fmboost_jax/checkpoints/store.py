@@ -41,7 +41,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from fmboost_jax import paths
-from fmboost_jax.train import checksums
+from fmboost_jax.checkpoints import checksums
 
 PyTree = Any
 CHECKSUMS = "checksums"

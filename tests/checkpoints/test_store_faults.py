@@ -1,4 +1,4 @@
-"""Tests of fmboost_jax/train/checkpointing.py off the happy path: every kind of damage to the
+"""Tests of fmboost_jax/train/store.py off the happy path: every kind of damage to the
 latest checkpoint (a flipped byte, a truncated, deleted or garbled file) moves it aside and the
 previous one is restored, and a run resumes past it bitwise equal to an uninterrupted one; with
 none usable the run stops saying so; a failing save (a file-size limit standing in for a full
@@ -14,8 +14,8 @@ import sys
 import pytest
 from training_runs import BASE_FLAGS, TOTAL, env, max_diff, steps
 
-from fmboost_jax.train import checkpointing
-from fmboost_jax.train.checkpointing import CheckpointError, restore_params
+from fmboost_jax.checkpoints import store
+from fmboost_jax.checkpoints.store import CheckpointError, restore_params
 
 
 def tiny_run_config(total: int):
@@ -79,16 +79,16 @@ def garble_the_data_state(step_dir):
 
 
 def restore_latest(workdir, step: int = PREVIOUS):
-    """`checkpointing.restore` of the latest usable step, as `build_run` calls it (one device;
+    """`store.restore` of the latest usable step, as `build_run` calls it (one device;
     the target tree is read from the metadata of `step`)."""
     import jax
-    mngr = checkpointing.checkpoint_manager(str(workdir), keep=2)
+    mngr = store.checkpoint_manager(str(workdir), keep=2)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     metadata = mngr.item_metadata(step)["state"]
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                             metadata)
     try:
-        return checkpointing.restore(mngr, abstract)
+        return store.restore(mngr, abstract)
     finally:
         mngr.close()
 
@@ -149,7 +149,7 @@ def test_checksums_catch_every_single_bit_flip_of_every_dtype():
     import jax.numpy as jnp
     import numpy as np
 
-    from fmboost_jax.train import checksums
+    from fmboost_jax.checkpoints import checksums
     tree = {"f32": jnp.linspace(-1, 1, 7), "bf16": jnp.linspace(-1, 1, 5).astype(jnp.bfloat16),
             "i32": jnp.arange(3), "u32": jnp.arange(4, dtype=jnp.uint32),
             "flag": jnp.array([True, False])}
