@@ -127,10 +127,19 @@ def config_from_flag(holder: Any) -> ml_collections.ConfigDict:
 
 
 # ------------------------------------------------------------------------ argparse commands
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistake on the command line reported as every user error is: one line,
+    status 2."""
+
+    def error(self, message: str):
+        print(f"error: {message.removeprefix('argument ')} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     """An argparse parser for `python -m PROG` with the module docstring as its description."""
-    return argparse.ArgumentParser(prog=f"python -m {prog}", description=doc, allow_abbrev=False,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return Parser(prog=f"python -m {prog}", description=doc, allow_abbrev=False,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def at_least(low: int) -> Callable[[str], int]:
@@ -176,7 +185,8 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
                    help="time points of a fixed-step solver (the reference's; num_steps = N - 1)")
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="classifier-free guidance w (models trained with context dropout)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random draws (the sampler's noise; evaluate's p-FID crops)")
     fields = sorted(set(SolverOptions._fields + SDEOptions._fields) - set(SAMPLER_FLAGS))
     p.epilog = ((p.epilog or "") + "Other sampler fields: --sampling.FIELD=VALUE, FIELD one of "
                 + ", ".join(fields) + ".")

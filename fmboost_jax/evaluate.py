@@ -1,7 +1,7 @@
 """Command line: judge a trained upsampler as the paper does (FID, p-FID, KID, PSNR, SSIM, MSE).
 
     python -m fmboost_jax.evaluate --model runs/lhq --output lhq.json
-    python -m fmboost_jax.evaluate --model runs/faceshq --compare regression=runs/faceshq_regression
+    python -m fmboost_jax.evaluate --model runs/faceshq --compare_model regression=runs/faceshq_regression
     python -m fmboost_jax.evaluate --model runs/lhq --images ~/held_out --num_images 1000
     python -m fmboost_jax.evaluate --model runs/lhq --data configs/faceshq.py --metrics fid,pfid
     python -m fmboost_jax.evaluate --model params/ --config lhq --data.eval_split=validation \\
@@ -10,7 +10,7 @@
 The ground truth is the held-out set of a config's `data` block (default: the model's own; `--data
 SPEC` takes another config's, `--images DIR` every image of a folder, `--data.FIELD=VALUE` sets
 any `config.data` field), center-cropped to `--image_size` (default: the model's high-res size).
-Each image is down-sampled as in training, boosted, and the boost, the `--compare` models' boosts
+Each image is down-sampled as in training, boosted, and the boost, the `--compare_model` models' boosts
 (e.g. the regression baseline, each with its own config's sampler) and the `--baselines` (the
 same low-res input resized) are scored against it. Images stream through in batches; only running
 statistics (and KID's features) are kept. FID, p-FID and KID need the converted Inception weights
@@ -31,34 +31,26 @@ from typing import Any
 
 import ml_collections
 
-from fmboost_jax import compile_cache, paths
+from fmboost_jax import cli, compile_cache, paths
 from fmboost_jax import config as config_lib
-from fmboost_jax.cli import user_errors_in_one_line
-from fmboost_jax.errors import UserError
+from fmboost_jax.errors import UserError, parse_names
 from fmboost_jax.evaluation import benchmark as bm
 
 OVERRIDE_BLOCKS = ("data", "sampling")       # --data.FIELD=VALUE, --sampling.FIELD=VALUE
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fmboost_jax.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument("--model", required=True, help="training workdir, or converted params (+ --config)")
-    p.add_argument("--config", default=None, help="config of converted params (file.py[:arg] or name)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--vae", default=None, help="converted VAE directory (default: the config's)")
-    p.add_argument("--dtype", choices=config_lib.DTYPE_NAMES, default=None,
-                   help="compute dtype (default: the model's config)")
+    p = cli.parser("fmboost_jax.evaluate", __doc__)
+    cli.add_model_arguments(p)
     p.add_argument("--data", default=None,
                    help="config (file.py[:arg] or name) whose `data` block names the dataset "
                         "(default: the model's); --data.FIELD=VALUE sets one field")
     p.add_argument("--images", default=None, help="evaluate on every image of this folder")
-    p.add_argument("--num_images", type=int, default=None,
+    p.add_argument("--num_images", type=cli.at_least(1), default=None,
                    help="images to score (default: the data block's num_eval_images)")
-    p.add_argument("--image_size", type=int, default=None,
+    p.add_argument("--image_size", type=cli.at_least(1), default=None,
                    help="center crop of the ground truth in px (default: the model's high-res size)")
-    p.add_argument("--batch_size", type=int, default=8, help="images per boost call")
+    p.add_argument("--batch_size", type=cli.at_least(1), default=8, help="images per boost call")
     p.add_argument("--metrics", default=",".join(bm.METRICS),
                    help=f"comma-separated, of {', '.join(bm.METRICS)} (default: all)")
     p.add_argument("--baselines", default=None,
@@ -67,74 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception", default=None,
                    help=f"converted Inception weights (default: ${bm.INCEPTION_VARIABLE} or "
                         f"{bm.INCEPTION_DIR})")
-    p.add_argument("--inception_batch", type=int, default=None,
+    p.add_argument("--inception_batch", type=cli.at_least(1), default=None,
                    help=f"299² inputs per Inception call (default {bm.INCEPTION_BATCH})")
-    p.add_argument("--num_crops", type=int, default=None,
+    p.add_argument("--num_crops", type=cli.at_least(1), default=None,
                    help="p-FID crops per image (default: the config's eval.num_crops, 4)")
-    p.add_argument("--crop_size", type=int, default=None,
+    p.add_argument("--crop_size", type=cli.at_least(1), default=None,
                    help="p-FID crop size in px (default: the config's eval.crop_size, 512, "
                         "capped at the image size)")
-    p.add_argument("--compare", default=[], action="append", metavar="NAME=WORKDIR",
+    p.add_argument("--compare_model", default=[], action="append", metavar="NAME=WORKDIR",
                    help="another trained model scored on the same low-res inputs with its own "
                         "config's sampler, e.g. regression=runs/demo_regression (repeatable)")
-    p.add_argument("--solver", default=None, help="sampler (default: the model's config)")
-    p.add_argument("--num_steps", type=int, default=None, help="steps of a fixed-step solver")
-    p.add_argument("--num_points", type=int, default=None, help="time points (the reference's)")
-    p.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance w")
-    p.add_argument("--seed", type=int, default=0, help="seed of the coupling's noise and the crops")
+    cli.add_sampler_arguments(p)
     p.add_argument("--output", default="results.json", help="JSON file of the results")
-    p.add_argument("--no_compile_cache", action="store_true", help=compile_cache.FLAG_HELP)
+    cli.add_compile_cache_argument(p)
     return p
-
-
-# ------------------------------------------------------------------------ overrides
-def parse_overrides(rest: Sequence[str]) -> dict[str, dict[str, str]]:
-    """The `--data.FIELD=VALUE` / `--sampling.FIELD VALUE` arguments argparse left over ->
-    {"data": {FIELD: VALUE}, "sampling": {...}}; ValueError for anything else."""
-    out: dict[str, dict[str, str]] = {b: {} for b in OVERRIDE_BLOCKS}
-    args = list(rest)
-    while args:
-        arg = args.pop(0)
-        block, dot, field = arg.removeprefix("--").partition(".")
-        if not arg.startswith("--") or not dot or block not in out:
-            raise UserError(f"unrecognized argument {arg!r} (see --help)")
-        field, eq, value = field.partition("=")
-        if not eq:
-            if not args:
-                raise UserError(f"{arg} needs a value")
-            value = args.pop(0)
-        out[block][field] = value
-    return out
-
-
-def typed(block: ml_collections.ConfigDict, name: str, field: str, text: str) -> Any:
-    """`text` as the type of `block[field]` (bool, int, float, comma-separated tuple, str);
-    ValueError naming `--name.field` when the field does not exist or the value does not parse."""
-    if field not in block:
-        raise UserError(f"--{name}.{field}: config.{name} has no field {field!r} (fields: "
-                         f"{', '.join(sorted(block))})")
-    current = block[field]
-    try:
-        if isinstance(current, bool):
-            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise UserError(text)
-            return text.lower() in ("1", "true", "yes")
-        if isinstance(current, (int, float)):
-            return type(current)(text)
-    except ValueError:
-        kind = {bool: "a boolean", int: "an integer", float: "a number"}[type(current)]
-        raise UserError(f"--{name}.{field}={text!r} is not {kind}") from None
-    if isinstance(current, (tuple, list)):
-        return tuple(x.strip() for x in text.split(",") if x.strip())
-    return text
-
-
-def sampler_overrides(args: argparse.Namespace, config: ml_collections.ConfigDict,
-                      extra: dict[str, str]) -> dict[str, Any]:
-    """The sampler options given on the command line (named flags and --sampling.FIELD)."""
-    named = {k: getattr(args, k) for k in ("solver", "num_steps", "num_points", "guidance_scale")}
-    return {**{k: v for k, v in named.items() if v is not None},
-            **{k: typed(config.sampling, "sampling", k, v) for k, v in extra.items()}}
 
 
 # ------------------------------------------------------------------------ what is scored
@@ -161,7 +99,7 @@ def data_config(config: ml_collections.ConfigDict, args: argparse.Namespace,
         if args.images:
             c.data.update(name="folder", path=args.images, eval_path=args.images)
         for field, text in extra.items():
-            c.data[field] = typed(c.data, "data", field, text)
+            c.data[field] = cli.typed(c.data, "data", field, text)
         if args.num_images is not None:
             c.data.num_eval_images = args.num_images
         if args.image_size is not None:
@@ -187,25 +125,17 @@ def eval_images(config: ml_collections.ConfigDict, args: argparse.Namespace):
     return images
 
 
-def check_arguments(args: argparse.Namespace) -> None:
-    """The counts of the command line, before anything is read."""
-    for name in ("batch_size", "inception_batch", "num_images", "image_size", "num_crops"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name} must be >= 1, got {value}")
-    compare_specs(args)
-
-
 def compare_specs(args: argparse.Namespace) -> dict[str, str]:
-    """`--compare NAME=WORKDIR` as {name: workdir}; ValueError for a bad spec or a taken name."""
+    """`--compare_model NAME=WORKDIR` as {name: workdir}; UserError for a bad spec or a taken
+    name."""
     out: dict[str, str] = {}
-    for spec in args.compare:
+    for spec in args.compare_model:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise UserError(f"--compare {spec!r}: give NAME=WORKDIR, e.g. "
+            raise UserError(f"--compare_model {spec!r}: give NAME=WORKDIR, e.g. "
                              "regression=runs/demo_regression")
         if name in ("cfm", *bm.BASELINES) or name in out:
-            raise UserError(f"--compare {spec!r}: the name {name!r} is taken; choose another")
+            raise UserError(f"--compare_model {spec!r}: the name {name!r} is taken; choose another")
         out[name] = path
     return out
 
@@ -240,14 +170,14 @@ def run(args: argparse.Namespace, overrides: dict[str, dict[str, str]]) -> dict[
 
     from fmboost_jax.inference.upsampler import load_upsampler
 
-    check_arguments(args)
-    metrics = bm.parse_names(args.metrics, bm.METRICS, "--metrics")
+    compare_specs(args)
+    metrics = parse_names(args.metrics, bm.METRICS, "--metrics")
     if not metrics:
         raise UserError("--metrics is empty: name at least one of " + ", ".join(bm.METRICS))
     config = data_config(model_config(args), args, overrides["data"])
-    baselines = bm.parse_names(config.eval.baselines if args.baselines is None
+    baselines = parse_names(config.eval.baselines if args.baselines is None
                                else args.baselines, bm.BASELINES, "--baselines")
-    sampler = sampler_overrides(args, config, overrides["sampling"])
+    sampler = cli.sampler_options(args, config.sampling, overrides["sampling"])
     size = config.data.eval_crop_size or config.high_res_size
     images = eval_images(config, args)
     fid_options, skipped = fid_setup(args, metrics, config, size, len(images))
@@ -289,14 +219,14 @@ def run(args: argparse.Namespace, overrides: dict[str, dict[str, str]]) -> dict[
 
 
 def compared_models(args: argparse.Namespace, up: Any) -> dict[str, tuple[Any, dict]]:
-    """The `--compare NAME=WORKDIR` models, each with its own config's sampler options; a bad
+    """The `--compare_model NAME=WORKDIR` models, each with its own config's sampler options; a bad
     spec, a name taken by a method, or another up-sampling factor is a ValueError."""
     from fmboost_jax.inference.upsampler import load_upsampler
     out: dict[str, tuple[Any, dict]] = {}
     for name, path in compare_specs(args).items():
         other = load_upsampler(path, vae=args.vae, dtype=args.dtype)
         if other.upscale != up.upscale:
-            raise UserError(f"--compare {name}={path}: that model up-samples {other.upscale}x, "
+            raise UserError(f"--compare_model {name}={path}: that model up-samples {other.upscale}x, "
                              f"--model {up.upscale}x")
         out[name] = (other, other.options())
     return out
@@ -312,7 +242,7 @@ def summary(report: dict[str, Any]) -> list[str]:
     """One line about what was scored, one per method with its figures."""
     h, w = report["image_size"]
     head = (f"evaluate: {report['num_images']} images at {h}x{w} ({report['upscale']}x), "
-            f"{report['sampler']['solver']}, NFE {report['nfe']:g}")
+            f"{report['sampler'].get('solver', 'one pass')}, NFE {report['nfe']:g}")
     width = max(len(m) for m in report["results"])
     rows = [f"  {m:<{width}}  " + "  ".join(f"{k} {v:.4g}" for k, v in r.items())
             for m, r in report["results"].items()]
@@ -320,18 +250,18 @@ def summary(report: dict[str, Any]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, rest = build_parser().parse_known_args(argv)
+    args, overrides = cli.parse_args(build_parser(), argv, OVERRIDE_BLOCKS)
     compile_cache.enable(off=args.no_compile_cache)
-    with user_errors_in_one_line(ValueError):   # ConfigError, missing files, bad values
+    with cli.user_errors_in_one_line():
         if os.path.isdir(paths.resolve(args.output)):
             raise UserError(f"--output {args.output!r} is a folder; give a file name")
-        run(args, parse_overrides(rest))
+        run(args, overrides)
     return 0
 
 
 def console() -> None:
     """Console script `fmboost-evaluate`."""
-    sys.exit(main())
+    cli.console(main)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ model's low-res latents in a `.npy` or `.safetensors` file ((B, h, w, C) or (B, 
 as the diffusion model emits them; the images go to `--output` as `NAME_0000.png`, ...).
 Unreadable or odd files, and images whose size the model cannot take, are skipped with their path
 and counted. Outputs are written under a temporary name and renamed when complete, and a rerun
-skips outputs that exist, so an interrupted folder job resumes. `--compare` also writes
+skips outputs that exist, so an interrupted job resumes; it writes what an uninterrupted run would
+have (a batch's noise comes from `--seed` and the index of its first input). The sampler is the
+model's config's, with `--solver`, `--num_steps`, ... and `--sampling.FIELD=VALUE` applied.
+`--compare` also writes
 `NAME_compare.png`: bicubic | CFM, labelled. `--ground_truth` takes the inputs as high-res ground
 truth: each is centre-cropped to the largest size the model makes, down-sampled as in training and
 boosted; the comparison gets a ground-truth panel, and PSNR and SSIM of CFM and bicubic are printed
@@ -26,45 +29,55 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
-from fmboost_jax import compile_cache, paths
-from fmboost_jax.cli import user_errors_in_one_line
+from fmboost_jax import cli, compile_cache, paths
+from fmboost_jax.config import MAX_PIXELS
 from fmboost_jax.data import images as images_lib
 from fmboost_jax.data.sources import list_images
 from fmboost_jax.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fmboost_jax.upsample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, action="append",
-                   help="training workdir, or converted params (+ --config); repeat for a cascade")
-    p.add_argument("--config", default=None, action="append",
-                   help="config of converted params (file.py[:arg] or name), one per --model")
-    p.add_argument("--vae", default=None, help="converted VAE directory (default: the config's)")
-    p.add_argument("--input", required=True, help="an image file or a folder of images")
-    p.add_argument("--output", required=True, help="output file (for a file input) or folder")
-    p.add_argument("--solver", default=None,
-                   help="sampler: dopri5, euler, heun, midpoint, rk4, rk4_classic (ODE), "
-                        "euler_maruyama, sde_heun (SDE; models with a noised source) "
-                        "(default: the model's config)")
-    p.add_argument("--num_steps", type=int, default=None, help="steps of a fixed-step solver")
-    p.add_argument("--guidance_scale", type=float, default=None,
-                   help="classifier-free guidance w (models trained with context dropout)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the coupling's noise")
-    p.add_argument("--batch_size", type=int, default=4, help="images per call (same-size ones)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None,
-                   help="compute dtype (default: the model's config)")
-    p.add_argument("--compare", action="store_true", help="also write NAME_compare.png")
-    p.add_argument("--max_pixels", type=int, default=images_lib.MAX_PIXELS,
-                   help="skip images with more pixels (checked before decoding)")
+    p = cli.parser("fmboost_jax.upsample", __doc__)
+    cli.add_model_arguments(p, cascade=True)
+    p.add_argument("--input", required=True,
+                   help="an image file, a folder of images, or latents (.npy, .safetensors)")
+    p.add_argument("--output", required=True, help="output file (for an image file) or folder")
+    cli.add_sampler_arguments(p)
+    p.add_argument("--batch_size", type=cli.at_least(1), default=4,
+                   help="images (of one size) or latents per call")
+    p.add_argument("--compare", action="store_true",
+                   help="also write NAME_compare.png: bicubic | CFM (images only)")
+    p.add_argument("--max_pixels", type=cli.at_least(1), default=None,
+                   help=f"skip images with more pixels, checked before decoding (images only; "
+                        f"default {MAX_PIXELS})")
     p.add_argument("--ground_truth", action="store_true",
-                   help="inputs are high-res ground truth: down-sample, boost, compare and score")
-    p.add_argument("--no_compile_cache", action="store_true", help=compile_cache.FLAG_HELP)
+                   help="inputs are high-res ground truth: down-sample, boost, compare and score "
+                        "(images only)")
+    cli.add_compile_cache_argument(p)
     return p
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Options that would do nothing for the input at hand are refused, before any work."""
+    if args.input.endswith(LATENT_SUFFIXES):
+        given = [f"--{k}" for k in ("compare", "ground_truth", "max_pixels")
+                 if getattr(args, k) not in (None, False)]
+        if given:
+            raise UserError(f"{', '.join(given)}: only for image inputs, and --input "
+                            f"{args.input!r} holds latents")
+    if args.step is not None and len(args.model) > 1:
+        raise UserError("--step picks the checkpoint of one --model; a cascade takes each "
+                        "model's latest")
+    configs = args.config or [None]
+    if len(configs) not in (1, len(args.model)):
+        raise UserError(f"{len(configs)} --config for {len(args.model)} --model: give one per "
+                        "model, or one for all")
 
 
 def output_path(src: str, root: str | None, output: str) -> str:
@@ -96,11 +109,12 @@ def comparison(panels: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def _batches(files: Sequence[str], batch_size: int, skipped: list[str], max_pixels: int
-             ) -> Iterator[tuple[list[str], np.ndarray]]:
-    """Decoded images in batches of equal size (consecutive files); bad files are skipped."""
-    names: list[str] = []
-    images: list[np.ndarray] = []
-    for path in files:
+             ) -> Iterator[tuple[int, list[str], np.ndarray]]:
+    """(index in `files` of the first, names, decoded images) of consecutive equal-size files, at
+    most `batch_size` each; bad files are skipped. The batches depend on `files` alone, so a
+    rerun makes the same ones."""
+    first, names, images = 0, [], []
+    for i, path in enumerate(files):
         try:
             with open(path, "rb") as f:
                 img = images_lib.to_float(images_lib.decode_rgb(f.read(), path, max_pixels))
@@ -108,12 +122,14 @@ def _batches(files: Sequence[str], batch_size: int, skipped: list[str], max_pixe
             skipped.append(str(err))
             continue
         if images and (img.shape != images[0].shape or len(images) == batch_size):
-            yield names, np.stack(images)
+            yield first, names, np.stack(images)
             names, images = [], []
+        if not images:
+            first = i
         names.append(path)
         images.append(img)
     if images:
-        yield names, np.stack(images)
+        yield first, names, np.stack(images)
 
 
 LATENT_SUFFIXES = (".npy", ".safetensors")
@@ -157,63 +173,82 @@ def _inputs(input_path: str, output: str) -> tuple[list[str], str | None]:
     return [src], None
 
 
-def run(args: argparse.Namespace) -> dict[str, int]:
-    """Boosts every input without an output yet; returns counts (written, existing, skipped)."""
-    import jax
-    from tqdm.auto import tqdm
-
-    from fmboost_jax.cfm.upsampling import resize
-
+def run(args: argparse.Namespace, overrides: dict[str, dict[str, str]]) -> dict[str, int]:
+    """Boosts every input without an output yet; returns counts (written, existing, skipped).
+    A batch's noise comes from the seed and the index of its first file, so a rerun that
+    completes an interrupted folder writes what an uninterrupted run would have."""
+    check_arguments(args)
     if args.input.endswith(LATENT_SUFFIXES):
-        return boost_latents(args)
+        return boost_latents(args, overrides)
     files, root = _inputs(args.input, args.output)            # bad inputs: before any work
+    max_pixels = args.max_pixels or MAX_PIXELS
     if root is None:
         with open(files[0], "rb") as f:
-            images_lib.decode_rgb(f.read(), args.input, args.max_pixels)   # BadImage: one line
-    todo = [f for f in files if not os.path.exists(output_path(f, root, args.output))]
+            images_lib.decode_rgb(f.read(), args.input, max_pixels)   # BadImage: one line
+    dst = {f: output_path(f, root, args.output) for f in files}
+    existing = sum(os.path.exists(d) for d in dst.values())
     model = load_model(args)
+    sampler = sampler_options(model, args, overrides)
     skipped: list[str] = []
-    written, start = 0, time.perf_counter()
-    bar = tqdm(total=len(todo), desc="upsample", unit="img", dynamic_ncols=True)
-    scores = Scores()
-    for i, (names, lowres) in enumerate(_batches(todo, args.batch_size, skipped, args.max_pixels)):
+    written, start, scores = 0, time.perf_counter(), Scores()
+    bar = tqdm(total=len(files), desc="upsample", unit="img", dynamic_ncols=True)
+    for first, names, lowres in _batches(files, args.batch_size, skipped, max_pixels):
+        bar.update(len(names))
+        missing = [j for j, name in enumerate(names) if not os.path.exists(dst[name])]
+        if not missing:
+            continue
         try:
             truth, lowres = _ground_truth(model, lowres) if args.ground_truth else (None, lowres)
             h, w = model.output_size(lowres.shape[1], lowres.shape[2])
-        except ValueError as err:
+        except UserError as err:
             skipped += [f"{n}: {err}" for n in names]
             if root is None:
                 raise UserError(f"--input {args.input!r}: {err}") from None
-            bar.update(len(names))
             continue
-        out = _boost(model, lowres, jax.random.fold_in(jax.random.PRNGKey(args.seed), i), args)
-        bicubic = resize(lowres, (h, w), "bicubic")
+        out = _boost(model, lowres, _key(args.seed, first), sampler)
+        panels = _panels(lowres, (h, w), out.images, truth)
         if truth is not None:
             shown = [os.path.relpath(n, root) if root else args.input for n in names]
-            scores.add(shown, truth, CFM=out.images, bicubic=bicubic)
-        gray = np.all(lowres.max(-1) == lowres.min(-1), axis=(1, 2))          # per image
-        panels = {"bicubic": bicubic, "CFM": out.images, "ground truth": truth}
-        panels = {k: images_lib.to_uint8(np.asarray(v).clip(-1, 1))
-                  for k, v in panels.items() if v is not None}
-        for j, name in enumerate(names):
-            dst = output_path(name, root, args.output)
-            save_png(panels["CFM"][j], dst, gray[j])
-            if args.compare:
-                save_png(comparison({k: v[j] for k, v in panels.items()}),
-                         os.path.splitext(dst)[0] + "_compare.png", gray[j])
-        written += len(names)
-        bar.update(len(names))
+            scores.add(shown, truth, CFM=out.images, bicubic=panels["bicubic"])
+        _write(panels, [(j, dst[names[j]]) for j in missing], lowres, args.compare)
+        written += len(missing)
         bar.set_postfix(img_s=f"{written / (time.perf_counter() - start):.2f}",
                         skipped=len(skipped))
     bar.close()
     for message in skipped:
         print(f"skipped {message}", file=sys.stderr)
-    counts = {"written": written, "existing": len(files) - len(todo), "skipped": len(skipped)}
-    print(f"upsample: {counts['written']} written, {counts['existing']} already there, "
-          f"{counts['skipped']} skipped -> {args.output}")
+    counts = {"written": written, "existing": existing, "skipped": len(skipped)}
+    print(f"upsample: {written} written, {existing} already there, {len(skipped)} skipped -> "
+          f"{args.output}")
     for line in scores.lines() if scores.rows else ():
         print(line)
     return counts
+
+
+def _key(seed: int, first: int):
+    """The sampler's key of the batch whose first input has index `first`."""
+    import jax
+    return jax.random.fold_in(jax.random.PRNGKey(seed), first)
+
+
+def _panels(lowres: np.ndarray, size: tuple[int, int], cfm: Any, truth: Any
+            ) -> dict[str, np.ndarray]:
+    """The bicubic resize, the boost and (if given) the ground truth, uint8 (B, H, W, 3)."""
+    from fmboost_jax.cfm.upsampling import resize
+    panels = {"bicubic": resize(lowres, size, "bicubic"), "CFM": cfm, "ground truth": truth}
+    return {k: images_lib.to_uint8(np.asarray(v).clip(-1, 1))
+            for k, v in panels.items() if v is not None}
+
+
+def _write(panels: dict[str, np.ndarray], rows: list[tuple[int, str]], lowres: np.ndarray,
+           compare: bool) -> None:
+    """Row j of the boost to its path (grayscale for grayscale inputs), and the comparison."""
+    gray = np.all(lowres.max(-1) == lowres.min(-1), axis=(1, 2))          # per image
+    for j, dst in rows:
+        save_png(panels["CFM"][j], dst, gray[j])
+        if compare:
+            save_png(comparison({k: v[j] for k, v in panels.items()}),
+                     os.path.splitext(dst)[0] + "_compare.png", gray[j])
 
 
 def _ground_truth(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -255,63 +290,71 @@ def load_model(args: argparse.Namespace):
     """One `Upsampler`, or a `Cascade` of one per `--model`."""
     from fmboost_jax.inference.upsampler import Cascade, load_upsampler
     configs = args.config or [None]
-    if len(configs) not in (1, len(args.model)):
-        raise UserError(f"{len(configs)} --config for {len(args.model)} --model: give one per "
-                         "model, or one for all")
-    stages = [load_upsampler(m, configs[i % len(configs)], vae=args.vae, dtype=args.dtype)
-              for i, m in enumerate(args.model)]
+    stages = [load_upsampler(m, configs[i % len(configs)], vae=args.vae, dtype=args.dtype,
+                             step=args.step) for i, m in enumerate(args.model)]
     return stages[0] if len(stages) == 1 else Cascade(stages)
 
 
-def _boost(model, x: np.ndarray, rng, args: argparse.Namespace, latents: bool = False):
+def sampler_options(model: Any, args: argparse.Namespace,
+                    overrides: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """The sampler options of the command line, checked against every stage before any work."""
+    stages = getattr(model, "stages", [model])
+    options = cli.sampler_options(args, stages[0].config.sampling, overrides["sampling"])
+    for stage in stages:
+        stage.options(**options)
+    return options
+
+
+def _boost(model: Any, x: np.ndarray, rng: Any, sampler: dict[str, Any], latents: bool = False):
     """The last stage's `SampleOutput` for low-res images (or latents) `x`."""
     from fmboost_jax.inference.upsampler import Cascade
-    kw = dict(solver=args.solver, num_steps=args.num_steps, guidance_scale=args.guidance_scale)
     fn = model.from_latents if latents else model
     if isinstance(model, Cascade):
-        return fn(x, rng, decode_all=False, **kw)[-1]
-    return fn(x, rng, **kw)
+        return fn(x, rng, decode_all=False, **sampler)[-1]
+    return fn(x, rng, **sampler)
 
 
-def boost_latents(args: argparse.Namespace) -> dict[str, int]:
-    """Latents of a `.npy`/`.safetensors` file -> `--output/NAME_0000.png`, ... (existing skipped)."""
-    import jax
-    from tqdm.auto import tqdm
-
+def boost_latents(args: argparse.Namespace, overrides: dict[str, dict[str, str]]
+                  ) -> dict[str, int]:
+    """Latents of a `.npy`/`.safetensors` file -> `--output/NAME_0000.png`, ... (existing ones
+    kept; a batch's noise comes from the index of its first row, as for images)."""
     src = paths.resolve(args.input)
     if not os.path.isfile(src):
         raise FileNotFoundError(f"--input {args.input!r} does not exist")
     model = load_model(args)
+    sampler = sampler_options(model, args, overrides)
     first = model.stages[0] if hasattr(model, "stages") else model
     z = read_latents(src, first.cfm.first_stage.latent_channels)
     stem = os.path.splitext(os.path.basename(src))[0]
     dst = [os.path.join(args.output, f"{stem}_{i:04d}.png") for i in range(len(z))]
-    todo = [i for i in range(len(z)) if not os.path.exists(dst[i])]
+    existing = sum(os.path.exists(d) for d in dst)
     written = 0
-    for lo in tqdm(range(0, len(todo), args.batch_size), desc="upsample", unit="batch"):
-        rows = todo[lo:lo + args.batch_size]
-        out = _boost(model, z[rows], jax.random.fold_in(jax.random.PRNGKey(args.seed), lo), args,
-                     latents=True)
-        for i, img in zip(rows, images_lib.to_uint8(np.asarray(out.images).clip(-1, 1))):
-            save_png(img, dst[i])
-        written += len(rows)
-    counts = {"written": written, "existing": len(z) - len(todo), "skipped": 0}
-    print(f"upsample: {written} written, {counts['existing']} already there, 0 skipped -> "
-          f"{args.output}")
+    for lo in tqdm(range(0, len(z), args.batch_size), desc="upsample", unit="batch"):
+        rows = range(lo, min(lo + args.batch_size, len(z)))
+        missing = [i for i in rows if not os.path.exists(dst[i])]
+        if not missing:
+            continue
+        out = _boost(model, z[rows.start:rows.stop], _key(args.seed, lo), sampler, latents=True)
+        images = images_lib.to_uint8(np.asarray(out.images).clip(-1, 1))
+        for i in missing:
+            save_png(images[i - lo], dst[i])
+        written += len(missing)
+    counts = {"written": written, "existing": existing, "skipped": 0}
+    print(f"upsample: {written} written, {existing} already there, 0 skipped -> {args.output}")
     return counts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, overrides = cli.parse_args(build_parser(), argv)
     compile_cache.enable(off=args.no_compile_cache)
-    with user_errors_in_one_line(ValueError):   # BadImage and memory.TooLarge included
-        run(args)
+    with cli.user_errors_in_one_line():     # BadImage and memory.TooLarge are UserErrors
+        run(args, overrides)
     return 0
 
 
 def console() -> None:
     """Console script `fmboost-upsample`."""
-    sys.exit(main())
+    cli.console(main)
 
 
 if __name__ == "__main__":

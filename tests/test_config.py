@@ -164,6 +164,7 @@ CONFIG_FILES = {  # a config file -> what the one line must say
     "missing.py": "--config=missing.py cannot be loaded: [Errno 2] No such file or directory",
     "syntax.py": "syntax.py, line 1): SyntaxError: invalid syntax",
     "raises.py": "raises.py, line 2): KeyError: 'no such preset'",
+    "nosuch:smoke": "--config=nosuch:smoke: no config named 'nosuch' in configs/",
 }
 
 

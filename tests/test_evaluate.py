@@ -247,9 +247,11 @@ def test_a_folder_of_images_is_scored_at_the_size_asked(tiny_workdir, folders, t
     (["--data.num_eval_images=many"], "--data.num_eval_images='many' is not an integer"),
     (["--sampling.nfe=3"], "--sampling.nfe: config.sampling has no field"),
     (["--frobnicate"], "unrecognized argument '--frobnicate'"),
-    (["--batch_size", "0"], "--batch_size must be >= 1"),
-    (["--compare", "regression"], "--compare 'regression': give NAME=WORKDIR"),
-    (["--compare", "bicubic={tmp}"], "--compare 'bicubic=.*': the name 'bicubic' is taken"),
+    (["--batch_size", "0"], "--batch_size: must be >= 1, got 0"),
+    (["--num_points", "1"], "--num_points: must be >= 2, got 1"),
+    (["--compare_model", "regression"], "--compare_model 'regression': give NAME=WORKDIR"),
+    (["--compare_model", "bicubic={tmp}"],
+     "--compare_model 'bicubic=.*': the name 'bicubic' is taken"),
 ])
 def test_bad_input_is_one_line_naming_it_with_status_2(tiny_workdir, folders, tmp_path, capsys,
                                                        args, message):
@@ -266,11 +268,11 @@ def test_bad_input_is_one_line_naming_it_with_status_2(tiny_workdir, folders, tm
 
 
 def test_another_model_is_scored_on_the_same_inputs_with_its_own_sampler(tiny_workdir, tmp_path):
-    """`--compare NAME=WORKDIR` (e.g. the regression baseline): the same model under another
+    """`--compare_model NAME=WORKDIR` (e.g. the regression baseline): the same model under another
     name scores exactly as `cfm` (the same low-res inputs and noise)."""
     out = tmp_path / "r.json"
     with contextlib.redirect_stdout(io.StringIO()):
-        assert evaluate.main(["--model", tiny_workdir, "--compare", f"again={tiny_workdir}",
+        assert evaluate.main(["--model", tiny_workdir, "--compare_model", f"again={tiny_workdir}",
                               "--metrics", "psnr,ssim", "--output", str(out)]) == 0
     report = json.loads(out.read_text())
     assert list(report["results"]) == ["cfm", "again", "bilinear", "bicubic"]

@@ -146,3 +146,72 @@ def test_latent_files_are_read_without_pickle(tmp_path):
     np.save(tmp_path / "z.npy", z)
     assert upsample.read_latents(str(tmp_path / "z.npy"), 4).shape == (2, 8, 8, 4)
 
+
+
+def test_a_resumed_folder_writes_what_an_uninterrupted_run_writes(smoke_params, tmp_path):
+    """A batch's noise comes from the index of its first file, not from its place among the
+    files still to do: outputs deleted from the middle of batches come back byte for byte."""
+    photos = tmp_path / "in"
+    photos.mkdir()
+    astronaut = skimage.data.astronaut()
+    for i in range(5):
+        Image.fromarray(astronaut[16 * i:16 * i + 16, 200:216]).save(photos / f"p{i}.png")
+    out = tmp_path / "out"
+    args = ["--model", smoke_params, "--config", "lhq:smoke", "--num_steps", "1",
+            "--batch_size", "2", "--input", str(photos), "--output", str(out), "--seed", "3"]
+    assert upsample.main(args) == 0
+    first = {f: (out / f).read_bytes() for f in sorted(os.listdir(out))}
+    assert len(first) == 5 and len(set(first.values())) == 5
+    for f in ("p1.png", "p3.png"):                  # the second image of two batches
+        os.remove(out / f)
+    assert upsample.main(args) == 0
+    assert {f: (out / f).read_bytes() for f in sorted(os.listdir(out))} == first
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--compare"], "--compare: only for image inputs, and --input '.*z.npy' holds latents"),
+    (["--ground_truth", "--max_pixels", "9"],
+     "--ground_truth, --max_pixels: only for image inputs"),
+    (["--batch_size", "0"], "--batch_size: must be >= 1, got 0"),
+    (["--num_steps", "0"], "--num_steps: must be >= 1, got 0"),
+    (["--step", "1", "--model", "{model}"], "--step picks the checkpoint of one --model"),
+    (["--frobnicate"], "unrecognized argument '--frobnicate'"),
+])
+def test_options_that_do_nothing_or_are_out_of_range_are_refused_before_any_work(
+        smoke_params, tmp_path, monkeypatch, capsys, extra, message):
+    import re
+    np.save(tmp_path / "z.npy", np.zeros((1, 2, 2, 4), np.float32))
+    monkeypatch.setattr(upsample, "load_model", lambda args: pytest.fail("a model was loaded"))
+    extra = [a.format(model=smoke_params) for a in extra]
+    with pytest.raises(SystemExit) as exit_:
+        upsample.main(["--model", smoke_params, "--config", "lhq:smoke", "--input",
+                       str(tmp_path / "z.npy"), "--output", str(tmp_path / "out"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1, err
+    assert re.match("error: " + message, err[0]), err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_sampler_fields_are_set_by_name_and_a_bad_one_is_named(smoke_params, tmp_path, capsys):
+    np.save(tmp_path / "z.npy", np.zeros((1, 2, 2, 4), np.float32))
+    args = ["--model", smoke_params, "--config", "lhq:smoke", "--input", str(tmp_path / "z.npy"),
+            "--output", str(tmp_path / "out"), "--num_steps", "1"]
+    with pytest.raises(SystemExit) as exit_:
+        upsample.main([*args, "--sampling.nfe=2"])
+    assert exit_.value.code == 2
+    assert "error: --sampling.nfe: config.sampling has no field 'nfe'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        upsample.main([*args, "--sampling.last_step_size=0.5", "--solver", "euler_maruyama",
+                       "--sampling.diffusion_form=cubic"])
+    assert "sampling.diffusion_form" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bug_is_not_a_user_error_and_keeps_its_traceback(tiny_workdir, inputs, tmp_path,
+                                                          monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("a bug, not the user's input")
+    monkeypatch.setattr(upsample, "_boost", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        upsample.main(["--model", tiny_workdir, "--input", str(inputs / "astronaut.png"),
+                       "--output", str(tmp_path / "a.png"), "--num_steps", "1"])

@@ -62,7 +62,8 @@ class Upsampler:
     def options(self, **overrides: Any) -> dict[str, Any]:
         """The sampler options: the config's `sampling` block with `overrides` (None: unset);
         `ConfigError` names a field the model cannot sample with (e.g. an SDE solver for a
-        model whose source has no noise)."""
+        model whose source has no noise). A regression model takes one pass and no solver: its
+        options are the call options alone (any solver setting is checked, then unused)."""
         options = sampling.solver_options(self.config.sampling)
         unknown = sorted(set(overrides) - set(options) - set(_CALL_OPTIONS))
         if unknown:
@@ -73,6 +74,8 @@ class Upsampler:
         with config.unlocked():
             config.sampling.update({k: v for k, v in options.items() if k in config.sampling})
         sampling.check_config(config)
+        if self.cfm.objective == "regression":
+            return {k: v for k, v in options.items() if k in _CALL_OPTIONS}
         return options
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:

@@ -22,3 +22,6 @@ def test_random_bytes_are_called_not_a_checkpoint_in_one_line(tmp_path, network,
     assert "random-bytes.ckpt is not a readable PyTorch checkpoint" in lines[0]
     assert "allow" not in lines[0]
     assert not (tmp_path / "out").exists()
+    debug = subprocess.run(proc.args, capture_output=True, text=True, cwd=ROOT, timeout=120,
+                           env=dict(os.environ, FMBOOST_DEBUG="1"))
+    assert debug.returncode != 0 and "Traceback" in debug.stderr     # the switch that shows it

@@ -41,7 +41,7 @@ def test_the_demo_config_runs_end_to_end_from_the_command_line(tmp_path):
 
 def test_a_missing_vae_checkpoint_is_one_line_saying_how_to_make_it(tmp_path):
     workdir = tmp_path / "lhq"
-    proc = _train(tmp_path, "--config=configs/lhq.py", f"--workdir={workdir}",
+    proc = _train(tmp_path, "--config=lhq", f"--workdir={workdir}",   # a name of configs/
                   "--config.first_stage.checkpoint=/no/vae")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: config.first_stage.checkpoint: '/no/vae' does not exist" in proc.stderr
@@ -51,7 +51,7 @@ def test_a_missing_vae_checkpoint_is_one_line_saying_how_to_make_it(tmp_path):
 
 def test_an_sde_solver_for_the_demos_own_coupling_is_refused_before_training(tmp_path):
     workdir = tmp_path / "demo"
-    proc = _train(tmp_path, "--config=configs/demo.py:smoke", f"--workdir={workdir}",
+    proc = _train(tmp_path, "--config", "demo:smoke", f"--workdir={workdir}",
                   "--config.sampling.solver=euler_maruyama")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: config.coupling.noising_step: is -1" in proc.stderr
