@@ -32,7 +32,8 @@ one = make_sample_fn(cfm, solver="heun", num_steps=2)(params, {}, lowres, jax.ra
 assert out.images.shape == (3, 16, 16, 3), out.images.shape
 split = _split_over_local_devices(lowres)               # padded to 8, one row per device
 print("RESULT", jax.local_device_count(), len(split.sharding.device_set), split.shape[0],
-      float(np.abs(np.asarray(out.images) - np.asarray(one.images)).max()))
+      float(np.abs(np.asarray(out.images) - np.asarray(one.images)).max()),
+      int(one.stats["nfe"]), float(np.abs(np.asarray(one.images)).max()))
 
 config.coupling.noising_step = 400                       # the paper's coupling: SDEs apply
 cfm = CFM.from_config(config)
@@ -40,7 +41,8 @@ sde_fn = make_sample_fn(cfm, solver="sde_heun", num_steps=2)
 sharded = sde_fn(params, {}, split, jax.random.PRNGKey(1))
 single = sde_fn(params, {}, np.asarray(split), jax.random.PRNGKey(1))
 print("SDE", len(sharded.images.sharding.device_set),
-      float(np.abs(np.asarray(sharded.images) - np.asarray(single.images)).max()))
+      float(np.abs(np.asarray(sharded.images) - np.asarray(single.images)).max()),
+      int(single.stats["nfe"]), float(np.abs(np.asarray(single.images)).max()))
 
 variables = inception.init_variables(jax.random.PRNGKey(2))
 images = np.random.default_rng(1).uniform(0, 1, (5, 40, 40, 3)).astype(np.float32)

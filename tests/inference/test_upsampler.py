@@ -118,6 +118,16 @@ def test_ground_truth_is_fitted_to_the_largest_output_and_down_sampled_by_the_wh
     np.testing.assert_allclose(low[0], middle, atol=1e-5)
 
 
+def rounding_bound(nfe: int, scale: float) -> float:
+    """How far two float32 runs of the same sampler may differ when only the order of the
+    sums differs (one row per device against the batch on one device: other convolution
+    blockings): each network evaluation adds the rounding of its ~2^4 layers' reductions of
+    up to 2^3 terms at the output's scale, and an ODE step carries it on; with NFE evaluations
+    that is NFE * 2^7 units of float32's eps at `scale`. A sharding error (another row's noise,
+    a missing row) is of the order of the images themselves."""
+    return nfe * 2**7 * float(np.finfo(np.float32).eps) * max(scale, 1.0)
+
+
 def test_a_batch_is_split_over_the_local_devices_with_the_single_device_result():
     import os
     import subprocess
@@ -129,10 +139,12 @@ def test_a_batch_is_split_over_the_local_devices_with_the_single_device_result()
                           env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = next(r for r in proc.stdout.splitlines() if r.startswith("RESULT")).split()
-    devices, used, padded, diff = int(row[1]), int(row[2]), int(row[3]), float(row[4])
-    assert (devices, used, padded) == (8, 8, 8) and diff <= 1e-5
+    devices, used, padded = int(row[1]), int(row[2]), int(row[3])
+    assert (devices, used, padded) == (8, 8, 8)
+    assert float(row[4]) <= rounding_bound(int(row[5]), float(row[6]))
     row = next(r for r in proc.stdout.splitlines() if r.startswith("SDE")).split()
-    assert int(row[1]) == 8 and float(row[2]) <= 1e-5        # sharded SDE sample, same noise
+    assert int(row[1]) == 8                                  # sharded SDE sample, same noise
+    assert float(row[2]) <= rounding_bound(int(row[3]), float(row[4]))
     row = next(r for r in proc.stdout.splitlines() if r.startswith("INCEPTION")).split()
     assert (int(row[1]), int(row[2])) == (8, 8) and float(row[3]) <= 1e-5   # sharded features
 
