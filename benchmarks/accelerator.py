@@ -39,7 +39,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -52,8 +51,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench_unet_step import (  # noqa: E402  (benchmarks/ is on sys.path: this file's folder)
-    cpu_model,
+import machine  # noqa: E402  (benchmarks/ is on sys.path: this file's folder)
+from arguments import joined, names, numbers  # noqa: E402
+from bench_unet_step import (  # noqa: E402
     make_batch,
     make_ode_sample,
     make_unet_step,
@@ -94,7 +94,7 @@ def setup_of(args: argparse.Namespace) -> Setup:
     s = SMOKE if args.smoke else FULL
     changes: dict[str, Any] = {}
     if args.train_batches:
-        changes["train_batches"] = tuple(int(b) for b in args.train_batches.split(","))
+        changes["train_batches"] = args.train_batches
     for field in ("latent", "nfe", "steps", "sample_batch", "boost_batch"):
         if getattr(args, field):
             changes[field] = getattr(args, field)
@@ -363,26 +363,9 @@ def part_boost(s: Setup, dtype: str) -> list[dict]:
 
 
 # ------------------------------------------------------------------------ output
-def machine() -> dict[str, Any]:
-    """The device kind and count, JAX's version, the host."""
-    import jax
-    d = jax.devices()[0]
-    return dict(platform=d.platform, device_kind=d.device_kind, devices=jax.device_count(),
-                jax=jax.__version__, cpu=cpu_model(), cores=os.cpu_count(),
-                python=platform.python_version())
-
-
-def torch_machine() -> dict[str, Any]:
-    """`machine()` with the GPU as torch sees it (the torch part keeps JAX on the host)."""
-    m = {**machine(), "attention": "(PyTorch part)"}
-    try:
-        import torch
-        if torch.cuda.is_available():
-            m.update(platform="gpu", device_kind=torch.cuda.get_device_name(),
-                     devices=torch.cuda.device_count())
-    except ImportError:
-        pass
-    return m
+def gflop_text(gflop: float) -> str:
+    """GFLOP with three significant digits below 100 (the smoke sizes), whole ones above."""
+    return f"{gflop:.0f}" if gflop >= 100 else f"{gflop:.3g}"
 
 
 def line(fig: dict) -> str:
@@ -391,7 +374,7 @@ def line(fig: dict) -> str:
             f"{fig['img_s']:.2f} img/s")
     if fig.get("tflops"):
         per_image = fig["flops"] / fig.get("batch", 1) / 1e9
-        text += f", {per_image:.0f} GFLOP/img, {fig['tflops']:.1f} TFLOP/s"
+        text += f", {gflop_text(per_image)} GFLOP/img, {fig['tflops']:.1f} TFLOP/s"
         if fig.get("mfu"):
             text += f" = {100 * fig['mfu']:.1f}% MFU"
     if fig.get("peak_mib") is not None:
@@ -442,7 +425,7 @@ def start_jax(args: argparse.Namespace) -> dict[str, Any]:
     from fmboost_jax.models import unet
     attention = attention_for(args.attention, jax.devices()[0].platform, args.dtype)
     unet.set_attention_implementation(attention)
-    return {**machine(), "attention": attention}
+    return {**machine.info(), "attention": attention}
 
 
 def measure(args: argparse.Namespace, part: str) -> list[dict]:
@@ -459,7 +442,8 @@ def run_part(args: argparse.Namespace) -> None:
     if args.part != "torch":
         print(MACHINE + json.dumps(start_jax(args)), flush=True)
     else:                                  # JAX runs on the host only: the GPU as torch sees it
-        print(MACHINE + json.dumps(torch_machine()), flush=True)
+        print(MACHINE + json.dumps({**machine.torch_info(), "attention": "(PyTorch part)"}),
+              flush=True)
     for fig in measure(args, args.part):
         print(RESULT + json.dumps(fig), flush=True)
 
@@ -476,9 +460,8 @@ def run_in_process(args: argparse.Namespace, parts: list[str]) -> list[dict]:
 
 
 def machine_line(m: dict[str, Any]) -> str:
-    return (f"machine: {m['devices']} x {m['device_kind']} ({m['platform']}), jax {m['jax']}, "
-            f"python {m['python']}, host cpu '{m['cpu']}' x {m['cores']}; UNet attention: "
-            f"{m['attention']}")
+    """The machine (`benchmarks/machine.py`) and the UNet's attention."""
+    return machine.line(m, f"UNet attention: {m['attention']}")
 
 
 def child_argv(args: argparse.Namespace, part: str) -> list[str]:
@@ -486,8 +469,10 @@ def child_argv(args: argparse.Namespace, part: str) -> list[str]:
     argv = [sys.executable, __file__, f"--part={part}", f"--dtype={args.dtype}",
             f"--attention={args.attention}"]
     for field in ("train_batches", "latent", "nfe", "steps", "sample_batch", "boost_batch"):
-        if getattr(args, field):
-            argv.append(f"--{field.replace('_', '-')}={getattr(args, field)}")
+        value = getattr(args, field)
+        if value:
+            value = joined(value) if isinstance(value, tuple) else value
+            argv.append(f"--{field.replace('_', '-')}={value}")
     return argv + (["--smoke"] if args.smoke else [])
 
 
@@ -527,11 +512,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on any device (tests)")
-    ap.add_argument("--parts", default=",".join(PARTS), help=f"some of {','.join(PARTS)}")
+    ap.add_argument("--parts", type=names(PARTS), default=joined(PARTS),
+                    help=f"comma-separated, some of {joined(PARTS)}")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     ap.add_argument("--attention", choices=("auto", "einsum", "xla", "cudnn"), default="auto",
                     help="the UNet's softmax attention (auto: cudnn on GPUs in bfloat16)")
-    ap.add_argument("--train-batches", default="", help="comma-separated (default 8,32)")
+    ap.add_argument("--train-batches", type=numbers(int), default=(),
+                    help="comma-separated (default 8,32)")
     ap.add_argument("--latent", type=int, default=0, help="high-res latent side (default 128)")
     ap.add_argument("--nfe", type=int, default=0, help="Euler steps (default 40)")
     ap.add_argument("--steps", type=int, default=0, help="timed training steps (default 10)")
@@ -547,10 +534,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.part:
         return run_part(args)
-    parts = [p for p in args.parts.split(",") if p]
-    unknown = sorted(set(parts) - set(PARTS))
-    if unknown:
-        ap.error(f"unknown part(s) {', '.join(unknown)}")
+    parts = args.parts
     start = time.perf_counter()
     print(f"accelerator benchmark ({'smoke' if args.smoke else 'released config'}, random "
           f"weights, {args.dtype}): {setup_of(args)}", flush=True)

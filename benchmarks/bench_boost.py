@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from arguments import numbers
 from machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,8 @@ def run_case(args: argparse.Namespace) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="1024,2048", help="output sizes in pixels")
+    ap.add_argument("--sizes", type=numbers(int), default="1024,2048",
+                    help="output sizes in pixels, comma-separated")
     ap.add_argument("--nfe", type=int, default=1, help="Euler steps (the paper: 40)")
     ap.add_argument("--solver", default="euler")
     ap.add_argument("--tile", type=int, default=1024, help="VAE tile size above which to tile")
@@ -76,7 +78,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_case(args)))
         return
     print(describe(devices=False))   # the cases run in child processes
-    for size in [int(s) for s in args.sizes.split(",")]:
+    for size in args.sizes:
         cmd = [sys.executable, __file__, f"--size={size}", f"--nfe={args.nfe}",
                f"--solver={args.solver}", f"--tile={args.tile}", f"--dtype={args.dtype}",
                f"--calls={args.calls}"]

@@ -26,6 +26,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from arguments import numbers  # noqa: E402  (benchmarks/ is on sys.path: this file's folder)
+from machine import describe  # noqa: E402
 
 TRAIN_FLOPS_PER_IMAGE = 3 * 452e9        # fwd + bwd of the released UNet at a 128² latent
 LHQ_BATCH = 64                           # configs/lhq.py
@@ -91,7 +93,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=48, help="JPEG files to make")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--batches", type=int, default=12)
-    ap.add_argument("--workers", default="0,2", help="grain worker processes to try")
+    ap.add_argument("--workers", type=numbers(int), default="0,2",
+                    help="grain worker processes to try, comma-separated")
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOP utilisation")
     args = ap.parse_args()
 
@@ -104,9 +107,7 @@ def main() -> None:
     from fmboost_jax.config import base_config
     from fmboost_jax.data import pipeline
 
-    cpu = next((row.split(":", 1)[1].strip() for row in open("/proc/cpuinfo")
-                if row.startswith("model name")), "unknown") if os.path.exists("/proc/cpuinfo") else "?"
-    print(f"machine: cpu='{cpu}' cores={os.cpu_count()} jax={jax.__version__}")
+    print(describe())
 
     with tempfile.TemporaryDirectory() as tmp:
         jpegs, recs = os.path.join(tmp, "jpegs"), os.path.join(tmp, "latents")
@@ -117,14 +118,14 @@ def main() -> None:
         c.high_res_size, c.low_res_size, c.batch_size = args.size, args.size // 2, args.batch
         c.data.update(name="folder", path=jpegs, num_eval_images=0)
         results = {}
-        for w in map(int, args.workers.split(",")):
+        for w in args.workers:
             c.data.worker_count = w
             it = pipeline.create_train_iterator(c)
             results[f"images, {w} workers"] = rate(it, args.batches, args.batch)
             if hasattr(it, "close"):
                 it.close()
         c.data.update(name="latents", path=recs)
-        for w in map(int, args.workers.split(",")):
+        for w in args.workers:
             c.data.worker_count = w
             it = pipeline.create_train_iterator(c)
             results[f"latent records, {w} workers"] = rate(it, args.batches * 4, args.batch)

@@ -40,9 +40,10 @@ import optax
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from machine import cpu_model  # noqa: E402  (also imported from here by accelerator.py)
-
 sys.path.insert(0, str(ROOT))
+from arguments import numbers  # noqa: E402  (benchmarks/ is on sys.path)
+from machine import describe  # noqa: E402
+
 from fmboost_jax.cfm import ode  # noqa: E402
 from fmboost_jax.config import base_config  # noqa: E402
 from fmboost_jax.models.layers import count_params  # noqa: E402
@@ -244,7 +245,7 @@ def torch_sample_call(cfg: dict[str, Any], state_dict: dict[str, np.ndarray], x0
 
 def compare_device_counts(args: argparse.Namespace) -> None:
     """Runs this script once per device count and prints the step times and their ratios."""
-    counts = [int(n) for n in args.devices.split(",")]
+    counts = args.devices
     argv = [a for a in sys.argv[1:] if not a.startswith("--devices")]
     if "--devices" in sys.argv:  # "--devices 1,8" form
         i = sys.argv.index("--devices")
@@ -291,7 +292,7 @@ def main() -> None:
     ap.add_argument("--reference-ms", type=float, default=768.0,
                     help="reference training-step time to compare against "
                          "(default: PyTorch, ref15m, 2 CPU cores)")
-    ap.add_argument("--devices", default="",
+    ap.add_argument("--devices", type=numbers(int), default=(),
                     help="comma-separated device counts, e.g. 1,8: time the data-parallel training "
                          "step of the same global batch on each (fake CPU devices on a CPU host), "
                          "one process per count, and print the ratios")
@@ -307,10 +308,7 @@ def main() -> None:
     device = jax.devices()[0]
     accelerator = device.platform != "cpu"
 
-    print(f"machine: platform={device.platform} device_kind={device.device_kind} "
-          f"devices={jax.device_count()} "
-          f"cpu='{cpu_model()}' cores={os.cpu_count()} jax={jax.__version__} "
-          f"XLA_FLAGS='{os.environ.get('XLA_FLAGS', '')}'")
+    print(describe())
 
     model = EfficientUNet(**cfg, dtype=dtype)
     rng_init, rng_data = jax.random.split(jax.random.PRNGKey(0))

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from arguments import names, numbers
 from machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,8 +68,10 @@ def run_case(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="1024,2048", help="image sizes in pixels")
-    ap.add_argument("--ops", default="decode", help="decode and/or encode")
+    ap.add_argument("--sizes", type=numbers(int), default="1024,2048",
+                    help="image sizes in pixels, comma-separated")
+    ap.add_argument("--ops", type=names(("decode", "encode")), default="decode",
+                    help="decode and/or encode, comma-separated")
     ap.add_argument("--preset", default="sd", choices=("sd", "sdxl", "sd3", "flux"))
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--tile", type=int, default=512, help="tile size in pixels")
@@ -91,8 +94,8 @@ def main() -> None:
           f"shared_stats={args.shared_stats} repeats={args.repeats}")
     results = {}
     argv = [a for a in sys.argv[1:]]
-    for op in args.ops.split(","):
-        for size in map(int, args.sizes.split(",")):
+    for op in args.ops:
+        for size in args.sizes:
             for mode in ("whole", "tiled"):
                 cmd = [sys.executable, __file__, *argv, f"--case={op}:{size}:{mode}"]
                 try:
@@ -111,8 +114,8 @@ def main() -> None:
                 else:
                     print(f"{op:6s} {size:5d}² {mode:5s}  {r['seconds']:8.2f} s  peak {r['peak_mb']:9.0f} MiB"
                           f"  (compile {r['compile_s']:.1f} s, {r['device']})", flush=True)
-    for op in args.ops.split(","):
-        for size in map(int, args.sizes.split(",")):
+    for op in args.ops:
+        for size in args.sizes:
             w, t = results[op, size, "whole"], results[op, size, "tiled"]
             if "error" in w or "error" in t:
                 continue

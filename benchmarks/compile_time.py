@@ -2,6 +2,7 @@
 
     python benchmarks/compile_time.py                         # configs/demo.py and the released config
     python benchmarks/compile_time.py --configs demo          # quick (CPU: about a minute)
+    python benchmarks/compile_time.py --configs demo lhq:smoke,regression   # any config specs
     python benchmarks/compile_time.py --configs demo --smoke --functions train   # a narrow UNet
 
 For each config and function, a fresh process times its first call, as a command line's first
@@ -18,7 +19,8 @@ not write programs with host callbacks to the cache: the fixed-step samplers (`c
 `lax.scan`) hold none, but dopri5 runs in diffrax, whose runtime checks are equinox host
 callbacks, so `sample_dopri5` compiles anew every time unless `EQX_ON_ERROR=nan` is set before
 equinox is imported (a failed check then gives NaNs). `--smoke` narrows the UNet (one level, no
-attention).
+attention). `--configs` takes names and config specs separated by spaces (a spec's own argument
+may hold commas); `--functions` is comma-separated.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import machine  # noqa: E402  (benchmarks/ is on sys.path: this file's folder)
+from arguments import joined, names  # noqa: E402
+
 CONFIGS = {"demo": "demo", "released": None}     # `load_config` specs; None: base_config()
 FUNCTIONS = ("train", "sample", "sample_dopri5")
 RESULT = "RESULT "
@@ -102,7 +107,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from fmboost_jax import compile_cache
     cache = compile_cache.enable()
     import jax
-    from accelerator import machine
     c = load(args.config, args.smoke)
     setup = {"train": lambda: setup_train(c, args.batch),
              "sample": lambda: setup_sample(c, args.batch),
@@ -114,7 +118,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     entries = len(os.listdir(cache)) if cache and os.path.isdir(cache) else 0
     return dict(config=args.config, function=args.function, cache=cache, setup_s=setup_s,
                 trace_s=trace_s, compile_s=compile_s, run_s=run_s,
-                first_call_s=trace_s + compile_s + run_s, entries=entries, machine=machine())
+                first_call_s=trace_s + compile_s + run_s, entries=entries, machine=machine.info())
 
 
 def spawn(args: argparse.Namespace, config: str, function: str, cache_dir: str) -> dict | None:
@@ -141,9 +145,11 @@ def row(r: dict, kind: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="demo,released",
-                    help="comma-separated: demo, released, or config specs (configs/lhq.py:smoke)")
-    ap.add_argument("--functions", default=",".join(FUNCTIONS), help=", ".join(FUNCTIONS))
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS),
+                    help="space-separated: demo, released, or config specs (configs/lhq.py:smoke, "
+                         "lhq:smoke,regression)")
+    ap.add_argument("--functions", type=names(FUNCTIONS), default=joined(FUNCTIONS),
+                    help=f"comma-separated, some of {joined(FUNCTIONS)}")
     ap.add_argument("--batch", type=int, default=2, help="images per call (compile time barely "
                     "depends on it)")
     ap.add_argument("--smoke", action="store_true", help="a narrow UNet: one level, no attention")
@@ -158,16 +164,14 @@ def main() -> None:
     head = (f"{'config':9s} {'function':11s} {'cache':6s} {'setup s':>8s} {'trace s':>8s} "
             f"{'compile s':>10s} {'run s':>7s} {'first call':>11s} {'process s':>10s} "
             f"{'entries':>8s}")
-    for config in [c for c in args.configs.split(",") if c]:
-        for function in [f for f in args.functions.split(",") if f]:
+    for config in args.configs:
+        for function in args.functions:
             with tempfile.TemporaryDirectory(prefix="fmboost_compile_") as cache_dir:
                 pair = [spawn(args, config, function, cache_dir) for _ in range(2)]
             if None in pair:
                 continue
             if not printed:
-                m = pair[0]["machine"]
-                print(f"machine: {m['devices']} x {m['device_kind']} ({m['platform']}), jax "
-                      f"{m['jax']}, python {m['python']}, cpu '{m['cpu']}' x {m['cores']}\n{head}")
+                print(f"{machine.line(pair[0]['machine'])}\n{head}")
                 printed = True
             for r, kind in zip(pair, ("cold", "cached")):
                 print(row(r, kind), flush=True)

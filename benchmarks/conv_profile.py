@@ -112,7 +112,7 @@ def main() -> None:
     cfg = base_config().unet
     cfg.update(changes)
     model = EfficientUNet.from_config(cfg)
-    print(describe(), f"XLA_FLAGS='{os.environ.get('XLA_FLAGS', '')}'")
+    print(describe())
     print(f"config: {args.config} batch={batch} size={size}x{size}, float32; ms per call "
           f"(median of {args.steps}); jax / torch")
 

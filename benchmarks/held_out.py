@@ -7,8 +7,10 @@
 For each held-out photo (none of them is in `configs/demo.py`'s training photos, and none was
 used to choose a setting), scores PSNR and SSIM at two sizes: `--crops` fixed 32² crops
 (the training size) and the whole photo (centre-cropped to the largest size the model makes).
-The low-res input is made as in training (`Upsampler.downsample`). Prints one Markdown row per
-photo and size, and the machine.
+The low-res input is made as in training (`Upsampler.downsample`), and every set is scored as
+`python -m fmboost_jax.evaluate` scores it (`evaluation.benchmark.run` into a `Benchmark`: the
+predictions clipped to [-1, 1], per-image PSNR and SSIM averaged; the noise from `--seed`).
+Prints one Markdown row per photo and size, and the machine.
 """
 
 from __future__ import annotations
@@ -16,18 +18,18 @@ from __future__ import annotations
 import argparse
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+from arguments import joined, names
 from machine import describe
 
 from fmboost_jax import load_upsampler
-from fmboost_jax.cfm.upsampling import resize
-from fmboost_jax.data.photos import eval_crops, load_photo
-from fmboost_jax.evaluation import metrics
+from fmboost_jax.data.photos import PHOTOS, eval_crops, load_photo
+from fmboost_jax.evaluation import benchmark as bm
 from fmboost_jax.inference.upsampler import largest_output
 
 HELD_OUT = ("stereo_motorcycle", "camera", "coins", "moon", "clock")
+BASELINES = ("bilinear", "bicubic")
+METRICS = ("psnr", "ssim")
 
 
 def whole(up, name: str) -> np.ndarray:
@@ -38,21 +40,14 @@ def whole(up, name: str) -> np.ndarray:
     return img[None, top:top + h, left:left + w]
 
 
-def scores(pred: jax.Array, truth: jax.Array) -> tuple[float, float]:
-    pred = jnp.clip(pred, -1, 1)
-    return float(metrics.psnr(pred, truth).mean()), float(metrics.ssim(pred, truth).mean())
-
-
 def row(models: dict, truth: np.ndarray, seed: int) -> dict[str, tuple[float, float]]:
-    """PSNR/SSIM of every model and of bilinear and bicubic on one set of ground truth."""
-    truth = jnp.asarray(truth)
-    first = next(iter(models.values()))
-    lowres = first.downsample(truth)
-    out = {name: scores(up(lowres, jax.random.PRNGKey(seed)).images, truth)
-           for name, up in models.items()}
-    for mode in ("bilinear", "bicubic"):
-        out[mode] = scores(resize(lowres, truth.shape[1:3], mode), truth)
-    return out
+    """(PSNR, SSIM) of every model (`{"cfm": ..., "regression": ...}`, each with its config's
+    sampler) and of bilinear and bicubic on one set of ground truth, scored as `evaluate` does."""
+    cfm, *others = models
+    bench = bm.Benchmark((*models, *BASELINES), METRICS)
+    bm.run(models[cfm], [truth], bench, models[cfm].options(), seed, BASELINES,
+           others={name: (models[name], models[name].options()) for name in others})
+    return {name: (r["psnr"], r["ssim"]) for name, r in bench.results().items()}
 
 
 def main() -> None:
@@ -61,7 +56,8 @@ def main() -> None:
     ap.add_argument("--model", default="runs/demo", help="the CFM workdir")
     ap.add_argument("--regression", default="runs/demo_regression",
                     help="the regression baseline's workdir ('' to leave it out)")
-    ap.add_argument("--photos", default=",".join(HELD_OUT))
+    ap.add_argument("--photos", type=names(PHOTOS), default=joined(HELD_OUT),
+                    help="held-out scikit-image photos, comma-separated")
     ap.add_argument("--crops", type=int, default=32, help="32² crops per photo")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -71,17 +67,17 @@ def main() -> None:
         models["regression"] = load_upsampler(args.regression)
     size = models["cfm"].config.high_res_size
     start = time.perf_counter()
-    names = list(models) + ["bilinear", "bicubic"]
-    print("\n| photo | size | " + " | ".join(f"{n} PSNR / SSIM" for n in names) + " |")
-    print("|---|---|" + "---:|" * len(names))
-    for photo in args.photos.split(","):
+    methods = [*models, *BASELINES]
+    print("\n| photo | size | " + " | ".join(f"{n} PSNR / SSIM" for n in methods) + " |")
+    print("|---|---|" + "---:|" * len(methods))
+    for photo in args.photos:
         for label, truth in ((f"{args.crops} crops {size}²", eval_crops((photo,), size, args.crops)),
                              (None, whole(models["cfm"], photo))):
             label = label or f"whole {truth.shape[1]}x{truth.shape[2]}"
             r = row(models, truth, args.seed)
-            best = max(r[n][0] for n in names)
+            best = max(r[n][0] for n in methods)
             cells = [f"{'**' if r[n][0] == best else ''}{r[n][0]:.2f}"
-                     f"{'**' if r[n][0] == best else ''} / {r[n][1]:.3f}" for n in names]
+                     f"{'**' if r[n][0] == best else ''} / {r[n][1]:.3f}" for n in methods]
             print(f"| {photo} | {label} | " + " | ".join(cells) + " |", flush=True)
     print(f"\n{time.perf_counter() - start:.0f} s; sampler of each model: its config's "
           f"({models['cfm'].options()['solver']}, {models['cfm'].options()['num_steps']} steps)")

@@ -7,8 +7,10 @@ For a model with the paper's coupling (the source noised at step 400; `demo.py:p
 crops of held-out photos (never trained on) with euler, heun, rk4, dopri5 at several tolerances
 and the two SDE samplers at several step counts, and prints PSNR, SSIM, NFE and wall time per
 image (the compiled call alone; compilation is timed apart), as a Markdown table, with bicubic
-as the reference line. `--guidance` adds a sweep of the classifier-free guidance scale for a
-model trained with context dropout. Saves a plot of PSNR and SSIM against NFE (matplotlib).
+as the reference line. The images are scored as `python -m fmboost_jax.evaluate` scores them
+(`evaluation.benchmark.Benchmark`: clipped to [-1, 1], per-image PSNR and SSIM averaged).
+`--guidance` adds a sweep of the classifier-free guidance scale for a model trained with context
+dropout. Saves a plot of PSNR and SSIM against NFE (matplotlib).
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from arguments import joined, names, numbers
 from machine import describe
 
 from fmboost_jax import load_upsampler
-from fmboost_jax.cfm.upsampling import resize
-from fmboost_jax.data.photos import eval_crops
-from fmboost_jax.evaluation import metrics
+from fmboost_jax.data.photos import PHOTOS, eval_crops
+from fmboost_jax.evaluation import benchmark as bm
 
 HELD_OUT = ("stereo_motorcycle", "camera", "coins")
 SWEEP = (  # (label, sampler options)
@@ -37,6 +39,13 @@ SWEEP = (  # (label, sampler options)
 )
 
 
+def quality(truth: jax.Array, images: jax.Array) -> dict[str, float]:
+    """{"psnr", "ssim"} of `images` against `truth`, as `evaluate` scores them."""
+    bench = bm.Benchmark(("images",), ("psnr", "ssim"))
+    bench.update(truth, {"images": images})
+    return bench.results()["images"]
+
+
 def score(up, lowres: jax.Array, truth: jax.Array, options: dict, seed: int) -> dict:
     """Mean PSNR/SSIM, NFE and seconds per image of one sampler setting (compiled call alone)."""
     key = jax.random.PRNGKey(seed)
@@ -45,12 +54,10 @@ def score(up, lowres: jax.Array, truth: jax.Array, options: dict, seed: int) -> 
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     out = up(lowres, key, **options)
-    images = jax.block_until_ready(jnp.clip(out.images, -1, 1))
+    images = jax.block_until_ready(out.images)
     seconds = time.perf_counter() - start
-    return {"psnr": float(metrics.psnr(images, truth).mean()),
-            "ssim": float(metrics.ssim(images, truth).mean()),
-            "nfe": int(np.max(out.stats["nfe"])), "ms_per_image": 1e3 * seconds / len(truth),
-            "compile_s": compile_s}
+    return {**quality(truth, images), "nfe": int(np.max(out.stats["nfe"])),
+            "ms_per_image": 1e3 * seconds / len(truth), "compile_s": compile_s}
 
 
 def plot(rows: list[dict], bicubic: dict, path: str) -> None:
@@ -76,10 +83,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="runs/demo_paper", help="workdir of a noised-source model")
-    ap.add_argument("--photos", default=",".join(HELD_OUT), help="held-out scikit-image photos")
+    ap.add_argument("--photos", type=names(PHOTOS), default=joined(HELD_OUT),
+                    help="held-out scikit-image photos, comma-separated")
     ap.add_argument("--crop", type=int, default=32, help="crop size in pixels (ground truth)")
     ap.add_argument("--crops_per_photo", type=int, default=32)
-    ap.add_argument("--guidance", default="0,1,1.5,2,3",
+    ap.add_argument("--guidance", type=numbers(float), default="0,1,1.5,2,3",
                     help="guidance scales to sweep with --guidance_solver ('' to skip)")
     ap.add_argument("--guidance_solver", default="euler:8", help="SOLVER:STEPS of the sweep")
     ap.add_argument("--seed", type=int, default=0)
@@ -89,13 +97,12 @@ def main() -> None:
     print(describe())
     up = load_upsampler(args.model)
     truth = np.concatenate([eval_crops((p,), args.crop, args.crops_per_photo)
-                            for p in args.photos.split(",")])
+                            for p in args.photos])
     truth = jnp.asarray(truth)
     lowres = up.downsample(truth)
-    bicubic = jnp.clip(resize(lowres, truth.shape[1:3], "bicubic"), -1, 1)
-    base = {"psnr": float(metrics.psnr(bicubic, truth).mean()),
-            "ssim": float(metrics.ssim(bicubic, truth).mean())}
-    print(f"{len(truth)} crops of {args.crop}² from {args.photos} (held out); model {args.model}")
+    base = quality(truth, bm.baselines(lowres, truth.shape[1:3], ("bicubic",))["bicubic"])
+    print(f"{len(truth)} crops of {args.crop}² from {joined(args.photos)} (held out); model "
+          f"{args.model}")
     print("\n| sampler | setting | NFE | PSNR dB | SSIM | ms / image | compile s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     print(f"| bicubic | | 0 | {base['psnr']:.2f} | {base['ssim']:.4f} | | |")
@@ -111,7 +118,7 @@ def main() -> None:
         print(f"\nclassifier-free guidance, {solver} {steps} steps "
               f"(context dropout {up.config.coupling.context_dropout} in training)")
         print("\n| w | NFE | PSNR dB | SSIM |\n|---:|---:|---:|---:|")
-        for w in (float(v) for v in args.guidance.split(",")):
+        for w in args.guidance:
             r = score(up, lowres, truth, dict(solver=solver, num_steps=int(steps),
                                               guidance_scale=w), args.seed)
             print(f"| {w:g} | {r['nfe']} | {r['psnr']:.2f} | {r['ssim']:.4f} |", flush=True)

@@ -4,10 +4,8 @@ Weights & Biases run (fmboost_jax/train/wandb_logging.py), offline: no network, 
 import glob
 import json
 import os
-import struct
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -53,41 +51,24 @@ def _wandb_config(**fields):
     return config
 
 
-def _history(run_file: str) -> dict[int, dict]:
-    """`{step: {key: value}}` of an offline run's `run-ID.wandb` file: W&B's LevelDB-style log
-    (7-byte file header; records of crc32, length, type in 32 KiB blocks) of protobuf Records."""
-    from wandb.proto import wandb_internal_pb2
-    data = open(run_file, "rb").read()
-    assert data[:4] == b":W&B"
-    block, header = 32768, 7
-    pos, pending, rows = header, b"", {}
-    while pos + header <= len(data):
-        if block - pos % block < header:         # the block's zero padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + header])
-        pending += data[pos + header:pos + header + length]
-        pos += header + length
-        if kind in (1, 4):                       # a full record or a record's last part
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            pending = b""
-            if record.WhichOneof("record_type") == "history":
-                row = {item.key or ".".join(item.nested_key): json.loads(item.value_json)
-                       for item in record.history.item}
-                rows[row["_step"]] = row
+def _history(run_dir: str) -> dict[int, dict]:
+    """`{step: {key: value}}` of an offline run, read by W&B's own reader of its transaction log
+    (`wandb leet inspect --json`, one JSON record a line). `--follow` reads on until the run's
+    exit record, which W&B's service may still be writing when `finish` returns (for at most 15 s
+    without a write)."""
+    proc = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", "--follow",
+                           "--idle-timeout", "15s", run_dir], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert records and records[-1]["type"] == "exit", (proc.stderr[-2000:], records[-1:])
+    rows = {}
+    for record in records:
+        if record["type"] == "history":
+            row = record["history"]["item"]
+            assert record["history"]["step"]["num"] == row["_step"]
+            rows[row["_step"]] = row
     return rows
-
-
-def _logged(run_dir: str, run_id: str, step: int) -> dict:
-    """The row of `step` in an offline run, waiting for W&B's service to write it (it may still
-    be writing when `finish` returns)."""
-    deadline = time.monotonic() + 15
-    while True:
-        rows = _history(os.path.join(run_dir, f"run-{run_id}.wandb"))
-        if step in rows or time.monotonic() > deadline:
-            return rows[step]
-        time.sleep(0.1)
 
 
 def test_offline_wandb_run_holds_the_metrics_and_resumes_under_the_same_id(tmp_path,
@@ -100,7 +81,9 @@ def test_offline_wandb_run_holds_the_metrics_and_resumes_under_the_same_id(tmp_p
     run_id = open(os.path.join(workdir, wandb_logging.ID_FILE)).read().strip()
     runs = glob.glob(os.path.join(workdir, "wandb", f"offline-run-*-{run_id}*"))
     assert len(runs) == 1
-    row = _logged(runs[0], run_id, 1)
+    rows = _history(runs[0])
+    assert sorted(rows) == [1]
+    row = rows[1]
     assert row["loss"] == 0.5 and row["lr"] == 1e-4
     assert row["eval/samples._type"] == "image-file"
     assert os.path.isfile(os.path.join(runs[0], "files", row["eval/samples.path"]))
@@ -112,7 +95,8 @@ def test_offline_wandb_run_holds_the_metrics_and_resumes_under_the_same_id(tmp_p
     assert open(os.path.join(workdir, wandb_logging.ID_FILE)).read().strip() == run_id
     runs = sorted(glob.glob(os.path.join(workdir, "wandb", "offline-run-*")))
     assert len(runs) == 2 and all(f"-{run_id}" in os.path.basename(r) for r in runs)
-    assert _logged(runs[1], run_id, 2)["loss"] == 0.25
+    rows = _history(runs[1])
+    assert sorted(rows) == [2] and rows[2]["loss"] == 0.25
     assert not [f for f in os.listdir(workdir) if f.endswith(".tmp")]
 
 
@@ -145,7 +129,7 @@ def test_the_default_config_never_imports_wandb(tmp_path):
         from fmboost_jax import config as config_lib
         from fmboost_jax.train import loop, setup, wandb_logging
         config = config_lib.base_config()
-        validate(config)
+        setup.validate(config)
         wandb_logging.check_installed(config)
         writer = loop.MetricWriter(sys.argv[1], config)
         writer.write(1, {"loss": 0.5})
