@@ -76,7 +76,9 @@ def test_the_cli_refuses_a_mismatched_file_with_status_2_and_writes_nothing(stat
                                                                            capsys):
     src, dst = tmp_path / "inception_v3_imagenet.pth", tmp_path / "out"
     torch.save(broken(state_dict), src)
-    assert convert_cli.main(["inception", "--src", str(src), "--dst", str(dst)]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        convert_cli.main(["inception", "--src", str(src), "--dst", str(dst)])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.splitlines()[0] == "error: checkpoint does not match the network (prefix ''):"
     assert MISSING in err and EXTRA in err and MISSHAPED in err and "Traceback" not in err
@@ -86,7 +88,9 @@ def test_the_cli_refuses_a_mismatched_file_with_status_2_and_writes_nothing(stat
 def test_the_cli_calls_a_non_checkpoint_file_so_in_one_line(tmp_path, capsys):
     src = tmp_path / "pt_inception.pth"
     src.write_bytes(b"\x00not a checkpoint" * 64)
-    assert convert_cli.main(["inception", "--src", str(src), "--dst", str(tmp_path / "out")]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        convert_cli.main(["inception", "--src", str(src), "--dst", str(tmp_path / "out")])
+    assert exit_.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "pt_inception.pth is not a readable PyTorch checkpoint" in lines[0]
     assert not (tmp_path / "out").exists()
