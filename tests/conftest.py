@@ -47,37 +47,38 @@ def sd():
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory):
     """A finished 2-step run of the tiny pixel config (4x; the zero-initialised output conv keeps
-    the briefly trained model close to its bilinear source)."""
-    from fmboost_jax.train.loop import train_and_evaluate
-    c = support.tiny_pixel_config()
-    c.unet.update(channel_mult=(1,), attention_resolutions=())
-    c.total_steps, c.eval_every, c.checkpoint_every = 2, 2, 2
-    path = tmp_path_factory.mktemp("tiny_run")
-    train_and_evaluate(c, str(path))
-    return str(path)
+    the briefly trained model close to its bilinear source), made once for all workers."""
+    def train(path):
+        from fmboost_jax.train.loop import train_and_evaluate
+        c = support.tiny_pixel_config()
+        c.unet.update(channel_mult=(1,), attention_resolutions=())
+        c.total_steps, c.eval_every, c.checkpoint_every = 2, 2, 2
+        train_and_evaluate(c, path)
+    return support.made_once(tmp_path_factory, "tiny_run", train)
 
 
 @pytest.fixture(scope="session")
 def smoke_params(tmp_path_factory):
     """Random UNet params of configs/lhq.py:smoke (2x, a tiny random-weight VAE), saved as
     converted params are: the model of `load_upsampler(smoke_params, config="lhq:smoke")`."""
-    import orbax.checkpoint as ocp
+    def save(path):
+        import orbax.checkpoint as ocp
 
-    from fmboost_jax.cfm.model import CFM
-    from fmboost_jax.config import load_config
-    cfm = CFM.from_config(load_config("lhq:smoke"))
-    path = str(tmp_path_factory.mktemp("smoke") / "params")
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(path, cfm.init_params(jax.random.PRNGKey(0)))
-    ckpt.wait_until_finished()
-    return path
+        from fmboost_jax.cfm.model import CFM
+        from fmboost_jax.config import load_config
+        cfm = CFM.from_config(load_config("lhq:smoke"))
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save(os.path.join(path, "params"), cfm.init_params(jax.random.PRNGKey(0)))
+        ckpt.wait_until_finished()
+    return os.path.join(support.made_once(tmp_path_factory, "smoke", save), "params")
 
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
-    """Final params and EMA params of an uninterrupted single-device run, which the checkpoint
-    and preemption tests compare with."""
-    workdir = tmp_path_factory.mktemp("reference")
-    out = finish(start(workdir))
-    assert steps(workdir)[-1] == TOTAL, out[-3000:]
-    return restore_params(str(workdir), use_ema=False), restore_params(str(workdir))
+    """Final params and EMA params of an uninterrupted single-device run (made once for all
+    workers), which the checkpoint and preemption tests compare with."""
+    def train(workdir):
+        out = finish(start(workdir))
+        assert steps(workdir)[-1] == TOTAL, out[-3000:]
+    workdir = support.made_once(tmp_path_factory, "reference", train)
+    return restore_params(workdir, use_ema=False), restore_params(workdir)

@@ -1,12 +1,31 @@
-"""Helpers shared by the tests: the repository root, tiny configs, config files by name."""
+"""Helpers shared by the tests: the repository root, tiny configs, config files by name, and
+directories made once for all pytest workers."""
 
+import fcntl
 import os
+from collections.abc import Callable
 
 import tiny_config
 
 from fmboost_jax.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def made_once(tmp_path_factory, name: str, make: Callable[[str], None]) -> str:
+    """The directory `name` that `make(path)` fills once per test run: the pytest-xdist workers
+    of one run share it (the first one makes it while the others wait on a lock), so a slow
+    finished run or saved model is built once, not once per worker."""
+    base = tmp_path_factory.getbasetemp()
+    shared = str(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
+    path, done = os.path.join(shared, name), os.path.join(shared, f"{name}.done")
+    with open(os.path.join(shared, f"{name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(done):
+            os.makedirs(path, exist_ok=True)
+            make(path)
+            open(done, "w").close()
+    return path
 
 
 def tiny_pixel_config():

@@ -19,7 +19,6 @@ project's requirement files instead.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import glob
 import json
 import os
@@ -30,7 +29,7 @@ import sys
 import time
 
 import pytest
-from support import ROOT
+from support import ROOT, made_once
 
 PAGES = ["README.md",
          *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
@@ -296,24 +295,16 @@ def by_id(block_id: str) -> Block:
 def demo(tmp_path_factory) -> tuple[str, Result]:
     """The README's Quick start run once (SUBSTITUTIONS: the smoke variant) in a directory that
     every pytest worker shares: (the directory, its result)."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    base = tmp_path_factory.getbasetemp()
-    shared = str(base.parent if worker else base)
-    root = os.path.join(shared, "docs-demo")
-    with open(os.path.join(shared, "docs-demo.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        saved = os.path.join(shared, "docs-demo.json")
-        if os.path.exists(saved):
-            with open(saved) as f:
-                return root, Result(**json.load(f))
-        os.makedirs(root, exist_ok=True)
-        if not os.path.lexists(os.path.join(root, "configs")):
-            os.symlink(os.path.join(ROOT, "configs"), os.path.join(root, "configs"))
-        result = run_block(by_id(DEMO_BLOCK), root, os.path.join(shared, "docs-demo-scripts"),
+    def train(root: str) -> None:
+        os.symlink(os.path.join(ROOT, "configs"), os.path.join(root, "configs"))
+        result = run_block(by_id(DEMO_BLOCK), root, os.path.join(root, "scripts"),
                            DEMO_TIME_LIMIT)
-        with open(saved, "w") as f:
+        with open(os.path.join(root, "result.json"), "w") as f:
             json.dump(dataclasses.asdict(result), f)
-        return root, result
+
+    root = made_once(tmp_path_factory, "docs-demo", train)
+    with open(os.path.join(root, "result.json")) as f:
+        return root, Result(**json.load(f))
 
 
 class Pages:
