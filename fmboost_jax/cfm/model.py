@@ -155,11 +155,11 @@ class CFM:
     def loss(self, params: PyTree, fs_params: PyTree, batch: Mapping[str, Array],
              rng: jax.Array, train: bool = True) -> Array:
         """The flow-matching loss of a batch, a float32 scalar."""
-        prep_rng, loss_rng, drop_rng = jax.random.split(rng, 3)
+        # One key per use: the coupling's noise, t (and eps), dropout, the context-dropout mask.
+        prep_rng, loss_rng, drop_rng, mask_rng = jax.random.split(rng, 4)
         x0, x1, context = self.prepare(fs_params, batch, prep_rng)
         if train and self.coupling.context_dropout > 0:
-            # fold_in: the other streams stay those of a run without context dropout
-            context = self.coupling.drop_context(context, jax.random.fold_in(rng, 1))
+            context = self.coupling.drop_context(context, mask_rng)
         if self.objective == "regression":
             x1_hat = self.regress(params, x0, context, train=train, rng=drop_rng)
             return jnp.mean(jnp.square(x1_hat.astype(jnp.float32) - x1.astype(jnp.float32)))

@@ -88,8 +88,8 @@ def integrate(cfm: CFM, params: PyTree, fs_params: PyTree, lowres: LowRes,
     samples with the rest of `rng`, and ignores `per_sample` and `throw` (its steps are fixed;
     `success` reports a non-finite result). With guidance (w != 1) every evaluation is of a
     doubled batch, and `nfe` counts both halves."""
-    x0, context, z_up = cfm.couple(fs_params, lowres, size, rng)
-    sde_rng = jax.random.fold_in(rng, 1)          # the ODE samplers' streams stay as they were
+    couple_rng, sde_rng = jax.random.split(rng)   # one key per use: the coupling, the SDE noise
+    x0, context, z_up = cfm.couple(fs_params, lowres, size, couple_rng)
 
     def velocity(t: Array, x: Array, args: tuple[PyTree, Array | None]) -> Array:
         p, ctx = args

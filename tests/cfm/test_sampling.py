@@ -164,11 +164,11 @@ def test_context_dropout_trains_on_the_zero_context(noised):
     loss_dropped = float(zero_ctx(params, {}, batch, key))
     assert loss_dropped != float(never.loss(params, {}, batch, key))
     # the same loss as a model whose velocity sees zeros for a context
-    x0, x1, ctx = never.prepare({}, batch, jax.random.split(key, 3)[0])
+    x0, x1, ctx = never.prepare({}, batch, jax.random.split(key, 4)[0])
     from fmboost_jax.cfm import flow
     v = lambda x, t: never.velocity(params, x, t, jnp.zeros_like(ctx), train=True,
-                                    rng=jax.random.split(key, 3)[2])
-    want = flow.flow_matching_loss(v, never.path, x0, x1, jax.random.split(key, 3)[1])
+                                    rng=jax.random.split(key, 4)[2])
+    want = flow.flow_matching_loss(v, never.path, x0, x1, jax.random.split(key, 4)[1])
     np.testing.assert_allclose(loss_dropped, float(want), rtol=1e-6)
     assert float(never.loss(params, {}, batch, key, train=False)) == float(
         always.loss(params, {}, batch, key, train=False))         # evaluation keeps the context
