@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 from typing import Any, NamedTuple
 
@@ -147,6 +148,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = _data()
     c.batch_size = 64                  # global, over all devices (not published by the authors)
     c.total_steps = 300_000
+    # A training workdir whose latest checkpoint's params and EMA params start a new run (the
+    # reference's --load_weights): arrays of the same name and shape are taken, the others keep
+    # their initial values, the optimizer starts afresh. Only at a fresh start; "" = none.
+    c.init_from = ""
 
     # The sampler: its defaults are the tables `SolverOptions` (torchdiffeq's rk4 over 40 time
     # points, the reference's validation sampler; dopri5 tolerances) and `SDEOptions` (the
@@ -260,3 +265,28 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
     if unknown:
         raise ConfigError(unknown[0], "is not a field of the config (unknown: "
                           f"{', '.join('config.' + u for u in unknown)})")
+
+
+def differences(old: Any, new: Any) -> list[str]:
+    """The dotted fields whose values differ between two configs (ConfigDicts, or the dict of a
+    run's config.json), each as `config.FIELD: OLD -> NEW` (`-`: the config has no such field)."""
+    a, b = _flat(_as_json(old)), _flat(_as_json(new))
+    return [f"config.{k}: {a.get(k, '-')!r} -> {b.get(k, '-')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "-") != b.get(k, "-")]
+
+
+def _as_json(config: Any) -> dict:
+    """A config as the JSON it is written to config.json as (tuples become lists)."""
+    if isinstance(config, ml_collections.ConfigDict):
+        return json.loads(config.to_json_best_effort())
+    return json.loads(json.dumps(config))
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -49,8 +49,9 @@ train() {
   shift 2
   local args=""
   for a in "$@"; do args+=" $(printf '%q' "$a")"; done
-  on_all "cd $REMOTE_DIR && nohup python3 -m fmboost_jax.train --distributed=on \
-    --config=$config --workdir=$workdir$args > ~/train.log 2>&1 &"
+  on_all "cd $REMOTE_DIR && rm -f ~/train.status && nohup sh -c 'python3 -m fmboost_jax.train \
+    --distributed=on --config=$config --workdir=$workdir$args; echo \$? > ~/train.status' \
+    > ~/train.log 2>&1 &"
 }
 
 logs() { tpu ssh "$TPU_NAME" --worker=0 --command="tail -f ~/train.log"; }
@@ -62,6 +63,10 @@ watch() {
   until gsutil -q stat "$workdir/eval.json"; do
     case "$(state)" in
       READY)
+        if [ "$(tpu ssh "$TPU_NAME" --worker=0 --command='cat ~/train.status 2>/dev/null')" = 2 ]; then
+          echo "$(date) training refused to run (status 2; see ~/train.log on worker 0): not restarting" >&2
+          exit 2
+        fi
         if ! on_all "pgrep -f fmboost_jax.train > /dev/null" 2>/dev/null; then
           echo "$(date) training not running on every worker: (re)starting it"
           on_all "pkill -f fmboost_jax.train || true" || true

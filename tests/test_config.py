@@ -190,6 +190,17 @@ def test_the_local_launcher_explains_its_usage():
     assert proc.returncode == 2 and "usage:" in proc.stderr
 
 
+def test_the_local_launcher_does_not_restart_a_refused_run(tmp_path):
+    """Status 2 is a refusal (here a bad field): restarting cannot help."""
+    proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "run_local.sh"), "demo:smoke",
+                           str(tmp_path / "run"), "--config.low_res_size=5"],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, MAX_RESTARTS="3"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("error: config.low_res_size") == 1
+    assert "not restarting" in proc.stderr and "resuming" not in proc.stderr
+
+
 def test_an_sde_solver_needs_a_noised_source(tiny_config):
     """The demo's coupling (no noising): no score, so SDE solvers are refused, naming the field."""
     tiny_config.sampling.solver = "euler_maruyama"

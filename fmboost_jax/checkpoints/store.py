@@ -13,9 +13,13 @@ finished, so a crash mid-write leaves the previous checkpoints as they were and 
 is ignored. Restoring takes the shardings of the *current* mesh, so a run may resume on a
 different number of devices or hosts than it was saved from.
 
-A checkpoint that cannot be read or fails its checksums is never a dead end: `restore` says so
-in one line, renames its directory to `unusable-STEP-TIME` (nothing is deleted) and takes the
-next older one; only when none is usable does it stop (`CheckpointError`). A failed save (full
+A checkpoint whose own files fail to decode or fail their checksums is never a dead end: `restore`
+says so in one line, renames its directory to `unusable-STEP-TIME` (nothing is deleted) and takes
+the next older one; only when none is usable does it stop (`CheckpointError`). A read that fails
+for a transient reason (a bucket's 503, a reset connection) is retried with backoff, and if it
+keeps failing the run stops with nothing moved. A state of another shape (the config changed the
+network or the optimizer) is found from the metadata before any read (`state_differences`) and
+is the caller's to refuse: it is not damage. A failed save (full
 disk, no permission, a bucket error) stops the run with a `CheckpointError` naming the directory,
 the cause and the intact steps.
 """
@@ -34,6 +38,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -44,7 +49,12 @@ from fmboost_jax import paths
 from fmboost_jax.checkpoints import checksums
 
 PyTree = Any
+CONFIG_FILE = "config.json"    # a workdir's config, written once its state is restored or made
 CHECKSUMS = "checksums"
+READ_TRIES = 4                 # reads of one checkpoint before a transient fault is final
+FIRST_WAIT = 1.0               # seconds before the first retry; doubled each time
+TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "503", "429",
+             "Connection reset", "timed out", "Temporary failure")
 
 
 class CheckpointError(RuntimeError):
@@ -181,19 +191,26 @@ def abstract_with_shardings(abstract_state: PyTree, shardings: PyTree) -> PyTree
 def restore(mngr: ocp.CheckpointManager, abstract_state: PyTree, step: int | None = None
             ) -> tuple[PyTree, Any] | None:
     """(state, data state or None) of the latest usable (or the given) step, or None if there is
-    no checkpoint. A checkpoint that cannot be read or fails its checksums is moved aside and the
-    next older one is tried; CheckpointError when none is usable.
+    no checkpoint. A checkpoint whose files do not decode or fail their checksums is moved aside
+    and the next older one is tried (CheckpointError when none is usable); a transient read
+    fault is retried and, if it persists, a CheckpointError with nothing moved.
 
-    `abstract_state` is a pytree of ShapeDtypeStructs with shardings (`abstract_with_shardings`).
+    `abstract_state` is a pytree of ShapeDtypeStructs with shardings (`abstract_with_shardings`)
+    of the same structure as the saved state (check `state_differences` first).
     """
     steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
     unusable = []
     for s in steps:
         logging.info("Restoring checkpoint of step %d from %s", s, mngr.directory)
         items = {"state": ocp.args.StandardRestore(abstract_state), "data": DataStateRestore()}
-        restored, error = _agreed(lambda s=s, items=items: _restore_verified(mngr, s, items))
+        restored, error = _agreed(lambda s=s, items=items: _with_retries(
+            lambda: _restore_verified(mngr, s, items), f"step {s}"))
         if error is None:
             return restored["state"], restored["data"]
+        if _is_transient(error):
+            raise CheckpointError(f"reading the checkpoint of step {s} in {mngr.directory} failed "
+                                  f"{READ_TRIES} times ({error}); nothing was moved: rerun the "
+                                  "same command once the storage answers again.")
         moved = _move_aside(mngr, s)
         logging.error("The checkpoint of step %d is unusable (%s): moved to %s%s", s, error, moved,
                       "; trying the previous one" if s != steps[-1] else "")
@@ -203,6 +220,63 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: PyTree, step: int | Non
                               f"{'; step '.join(unusable)}. They were moved aside, not deleted; "
                               "rerun to start from step 0, or move one back to resume from it.")
     return None
+
+
+def _is_transient(error: BaseException | str) -> bool:
+    """Whether a read failed for a reason outside the checkpoint's files (network, quota)."""
+    if isinstance(error, BaseException):
+        chain = []
+        while error is not None:
+            if isinstance(error, (ConnectionError, TimeoutError)):
+                return True
+            chain.append(str(error))
+            error = error.__cause__ or error.__context__
+        error = " ".join(chain)
+    return any(marker in error for marker in TRANSIENT)
+
+
+def _with_retries(read, what: str):
+    """`read()`, retried with backoff while it fails for a transient reason."""
+    for attempt in range(READ_TRIES):
+        try:
+            return read()
+        except Exception as err:
+            if attempt == READ_TRIES - 1 or not _is_transient(err):
+                raise
+            wait = FIRST_WAIT * 2 ** attempt
+            logging.warning("Reading %s failed (%s); retrying in %.0f s", what, _cause(err), wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def leaf_shapes(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{"params/unet/conv/kernel": (shape, dtype), ...} of a state or of a checkpoint's metadata,
+    with the same names for both (attribute, key and index steps all become path parts)."""
+    def part(entry: Any) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                return str(getattr(entry, attr))
+        return str(entry)
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(part(e) for e in path): (tuple(leaf.shape), jnp.dtype(leaf.dtype).name)
+            for path, leaf in leaves}
+
+
+def state_differences(mngr: ocp.CheckpointManager, step: int, abstract_state: PyTree
+                      ) -> list[str]:
+    """How the state saved at `step` differs from `abstract_state` (the state a config builds):
+    arrays of another shape or dtype, arrays only one of them has; [] when they match. Reads
+    the checkpoint's metadata only."""
+    saved = leaf_shapes(mngr.item_metadata(step)["state"])
+    wanted = leaf_shapes(abstract_state)
+    out = [f"{k} is {saved[k][0]} {saved[k][1]} in the checkpoint, {wanted[k][0]} {wanted[k][1]} now"
+           for k in sorted(set(saved) & set(wanted)) if saved[k] != wanted[k]]
+    for names, where in ((sorted(set(saved) - set(wanted)), "only the checkpoint has"),
+                         (sorted(set(wanted) - set(saved)), "the checkpoint lacks")):
+        if names:
+            more = ", ..." if len(names) > 3 else ""
+            out.append(f"{len(names)} arrays {where} ({', '.join(names[:3])}{more})")
+    return out
 
 
 def _restore_verified(mngr: ocp.CheckpointManager, step: int, items: dict[str, Any]
@@ -277,6 +351,14 @@ def restore_params(workdir: str, use_ema: bool = True, step: int | None = None,
     that reads and passes its checksums, as host-local arrays, e.g. for sampling in a notebook;
     `(params, step)` with `with_step`. Older checkpoints are tried in turn with a warning; a
     reader moves nothing."""
+    weights, s = read_weights(workdir, step)
+    params = weights["ema_params" if use_ema else "params"]
+    return (params, s) if with_step else params
+
+
+def read_weights(workdir: str, step: int | None = None) -> tuple[dict[str, PyTree], int]:
+    """({"params": ..., "ema_params": ...}, step) of the latest (or given) usable checkpoint in
+    `workdir`, host-local; FileNotFoundError when it has none, CheckpointError when none reads."""
     path = checkpoint_dir(workdir)
     mngr = ocp.CheckpointManager(path, item_handlers=_item_handlers())
     steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
@@ -286,8 +368,8 @@ def restore_params(workdir: str, use_ema: bool = True, step: int | None = None,
     try:
         for s in steps:
             try:
-                params = _read_whole(mngr, s)["ema_params" if use_ema else "params"]
-                return (params, s) if with_step else params
+                state = _with_retries(lambda s=s: _read_whole(mngr, s), f"step {s} of {path}")
+                return {k: state[k] for k in ("params", "ema_params")}, s
             except Exception as err:    # any fault: try the next older one
                 errors.append(f"step {s} ({_cause(err)})")
                 logging.warning("The checkpoint of step %d in %s is unusable: %s", s, path,

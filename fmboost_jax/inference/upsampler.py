@@ -35,7 +35,6 @@ from fmboost_jax.errors import UserError
 from fmboost_jax.inference import memory
 
 PyTree = Any
-CONFIG_FILE = "config.json"
 _CALL_OPTIONS = ("save_intermediates", "per_sample", "throw")   # of a call, not of the config
 
 
@@ -234,9 +233,9 @@ def _split_over_local_devices(x: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------ loading
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a training run wrote to its workdir (`config.json`)."""
-    path = os.path.join(paths.resolve(workdir), CONFIG_FILE)
+    path = os.path.join(paths.resolve(workdir), store.CONFIG_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{workdir!r} is not a training workdir: it has no {CONFIG_FILE}")
+        raise FileNotFoundError(f"{workdir!r} is not a training workdir: it has no {store.CONFIG_FILE}")
     with open(path) as f:
         return config_lib.with_defaults(ml_collections.ConfigDict(json.load(f)))
 
@@ -269,10 +268,10 @@ def load_upsampler(path: str, config: Any = None, *, vae: str | None = None,
     compile_cache.enable()
     if not os.path.isdir(paths.resolve(path)):
         raise FileNotFoundError(f"model {path!r} does not exist")
-    is_workdir = os.path.exists(os.path.join(paths.resolve(path), CONFIG_FILE))
+    is_workdir = os.path.exists(os.path.join(paths.resolve(path), store.CONFIG_FILE))
     if config is None:
         if not is_workdir:
-            raise UserError(f"{path!r} is not a training workdir (no {CONFIG_FILE}): pass the "
+            raise UserError(f"{path!r} is not a training workdir (no {store.CONFIG_FILE}): pass the "
                              "config of the converted params (config=...)")
         config = read_run_config(path)
     elif isinstance(config, str):

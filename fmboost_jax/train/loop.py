@@ -59,11 +59,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     validate(config)                   # fail before any work is wasted or a file written
     startup_checks(config)
-    if jax.process_index() == 0:
+    run = build_run(config, workdir)   # refuses a checkpoint of another state, touching nothing
+    if jax.process_index() == 0:       # the config of the state it restored or started
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-        (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+        (epath.Path(workdir) / store.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
     writer = MetricWriter(workdir, config)
-    run = build_run(config, workdir)
     c, total, start = config, config.total_steps, int(run.state.step)
     watcher = PreemptionWatcher()
     bar = tqdm(total=total, initial=start, desc="train", unit="step",

@@ -10,6 +10,7 @@ update step, and returns them as one `Run`.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import jax
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
+from etils import epath
 
 from fmboost_jax import config as config_lib
 from fmboost_jax import first_stage
@@ -25,7 +27,7 @@ from fmboost_jax.cfm import sampling
 from fmboost_jax.cfm.model import CFM
 from fmboost_jax.checkpoints import store
 from fmboost_jax.data import pipeline as data_pipeline
-from fmboost_jax.errors import check_range
+from fmboost_jax.errors import UserError, check_range
 from fmboost_jax.evaluation import benchmark
 from fmboost_jax.evaluation.evaluator import Evaluator
 from fmboost_jax.models.layers import count_params
@@ -94,17 +96,73 @@ class Run:
 
 
 def _state(config: ml_collections.ConfigDict, cfm: CFM, tx: optax.GradientTransformation,
-           mesh: jax.sharding.Mesh, mngr: Any, rngs: tuple[jax.Array, jax.Array]):
-    """The sharded state (restored when the workdir has a checkpoint) and the data state."""
+           mesh: jax.sharding.Mesh, mngr: Any, workdir: str, rngs: tuple[jax.Array, jax.Array]):
+    """The sharded state (restored when the workdir has a checkpoint, else new or started from
+    `config.init_from`) and the data state; UserError, before any file is touched, when the
+    checkpoint holds a state of another shape than the config builds."""
     init = lambda a, b: create_train_state(cfm.init_params(a), tx, b)
     abstract = jax.eval_shape(init, *rngs)
     shardings = sharding_lib.state_shardings(abstract, mesh, config.fsdp_min_size)
     logging.info("UNet parameters: %s", f"{count_params(abstract.params):,}")
-    restored = store.restore(mngr, store.abstract_with_shardings(abstract,
-                                                                                  shardings))
-    if restored is None:
-        return jax.jit(init, out_shardings=shardings)(*rngs), None, shardings
-    return (*restored, shardings)
+    check_resumable(config, mngr, workdir, abstract)
+    restored = store.restore(mngr, store.abstract_with_shardings(abstract, shardings))
+    if restored is not None:
+        if config.init_from:
+            logging.info("config.init_from=%s is not used: the run resumes from its own "
+                         "checkpoint", config.init_from)
+        return (*restored, shardings)
+    state = jax.jit(init, out_shardings=shardings)(*rngs)
+    if config.init_from:
+        state = load_weights(state, config.init_from, shardings)
+    return state, None, shardings
+
+
+def check_resumable(config: ml_collections.ConfigDict, mngr: Any, workdir: str,
+                    abstract: Any) -> None:
+    """UserError naming the config fields that changed when the latest checkpoint's state does
+    not have the shapes `config` builds (another network or optimizer): the run's files are
+    left as they are. A checkpoint whose metadata cannot be read is left to `store.restore`."""
+    step = mngr.latest_step()
+    if step is None:
+        return
+    try:
+        differences = store.state_differences(mngr, step, abstract)
+    except Exception:           # damaged metadata: the restore judges (and moves) it
+        return
+    if not differences:
+        return
+    run_config = epath.Path(workdir) / store.CONFIG_FILE
+    changed = (config_lib.differences(json.loads(run_config.read_text()), config)
+               if run_config.exists() else [])
+    fields = ", ".join(changed[:8]) + (", ..." if len(changed) > 8 else "")
+    raise UserError(
+        f"--workdir {workdir} holds checkpoints (step {step}) of another network or optimizer "
+        f"than this config builds ({'; '.join(differences[:2])}); "
+        + (f"the config differs from its {store.CONFIG_FILE} in {fields}. " if fields else "")
+        + "Nothing was changed. Resume with the run's own config, or start a new run in another "
+        f"workdir from these weights with --config.init_from={workdir}")
+
+
+def load_weights(state: TrainState, source: str, shardings: Any) -> TrainState:
+    """`state` with the params and EMA params of `source`'s latest checkpoint wherever an array
+    of the same name and shape exists (the reference's non-strict --load_weights); the others
+    keep their initial values, the optimizer and step are `state`'s. Logs what it took."""
+    weights, step = store.read_weights(source)
+    for key in ("params", "ema_params"):
+        new = getattr(state, key)
+        old = dict(zip(store.leaf_shapes(weights[key]), jax.tree.leaves(weights[key])))
+        names, leaves = list(store.leaf_shapes(new)), jax.tree.leaves(new)
+        take = [n in old and old[n].shape == x.shape for n, x in zip(names, leaves)]
+        tree = jax.tree.unflatten(jax.tree.structure(new), [
+            old[n].astype(x.dtype) if t else x for n, x, t in zip(names, leaves, take)])
+        state = state.replace(**{key: jax.device_put(tree, getattr(shardings, key))})
+    if not any(take):
+        raise UserError(f"--config.init_from={source}: none of its arrays has the name and shape "
+                        "of one of this config's network; give a run of the same network")
+    left = [n for n, t in zip(names, take) if not t]
+    logging.info("Started from %s (step %d): %d of %d arrays taken; kept at their initial "
+                 "values: %s", source, step, sum(take), len(names), ", ".join(left) or "none")
+    return state
 
 
 def _train_iterator(config: ml_collections.ConfigDict, start_step: int, data_state: Any):
@@ -131,7 +189,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     fs_params = sharding_lib.put_replicated(cfm.first_stage.init_params(fs_rng), mesh)
     tx = make_optimizer(config.optim)
     mngr = store.checkpoint_manager(workdir, config.keep_checkpoints, config.keep_every)
-    state, data_state, shardings = _state(config, cfm, tx, mesh, mngr, (init_rng, state_rng))
+    state, data_state, shardings = _state(config, cfm, tx, mesh, mngr, workdir,
+                                          (init_rng, state_rng))
     train_iter = _train_iterator(config, int(state.step), data_state)
     evaluator = Evaluator(cfm, config, data_pipeline.eval_images(config), mesh)
     first_batch = sharding_lib.global_batch(next(train_iter), mesh)

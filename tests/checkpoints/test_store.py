@@ -1,6 +1,7 @@
 """Tests of fmboost_jax/checkpoints/store.py: a run killed at six random moments resumes
 bitwise equal, a run saved on 4 devices with FSDP resumes on 2, and the retention policy."""
 
+import os
 import random
 import signal
 import time
@@ -95,4 +96,57 @@ def test_checkpoints_keep_the_latest_n_plus_every_kth_step(tmp_path):
                                           sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
     state, data = store.restore(mngr, abstract, step=8)
     assert state["w"].tolist() == [8.0] * 3 and data == {"step": 8}
+    mngr.close()
+
+
+def _one_checkpoint(tmp_path):
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from fmboost_jax.checkpoints import store
+
+    class Position:
+        def get_state(self):
+            return {"step": 1}
+
+    mngr = store.checkpoint_manager(str(tmp_path), keep=2)
+    store.save(mngr, 1, {"w": jnp.arange(3.0)}, Position())
+    mngr.wait_until_finished()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {"w": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=device)}
+    return store, mngr, abstract, ocp
+
+
+def test_a_transient_read_error_is_retried_and_a_lasting_one_moves_nothing(tmp_path, monkeypatch):
+    store, mngr, abstract, ocp = _one_checkpoint(tmp_path)
+    monkeypatch.setattr(store.time, "sleep", lambda s: None)
+    real, calls = ocp.CheckpointManager.restore, []
+
+    def flaky(self, *args, **kwargs):            # a bucket that answers on the third try
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("503 Service Unavailable")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", flaky)
+    state, data = store.restore(mngr, abstract)
+    assert state["w"].tolist() == [0.0, 1.0, 2.0] and data == {"step": 1} and len(calls) == 3
+
+    def down(self, *args, **kwargs):
+        raise OSError("UNAVAILABLE: connection refused by the storage")
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", down)
+    listing = sorted(os.listdir(tmp_path / "checkpoints"))
+    with pytest.raises(store.CheckpointError, match="failed 4 times .*nothing was moved"):
+        store.restore(mngr, abstract)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == listing == ["1"]
+    mngr.close()
+
+
+def test_the_state_shapes_are_compared_from_the_metadata_alone(tmp_path):
+    import jax.numpy as jnp
+    store, mngr, abstract, _ = _one_checkpoint(tmp_path)
+    assert store.state_differences(mngr, 1, abstract) == []
+    other = {"w": jax.ShapeDtypeStruct((4,), jnp.float32), "b": jax.ShapeDtypeStruct((), jnp.int32)}
+    assert store.state_differences(mngr, 1, other) == [
+        "w is (3,) float32 in the checkpoint, (4,) float32 now", "1 arrays the checkpoint lacks (b)"]
     mngr.close()

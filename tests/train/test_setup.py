@@ -26,3 +26,80 @@ def test_data_that_cannot_be_read_stops_the_start_up(tiny_config, tmp_path):
     tiny_config.data.update(name="folder", path=str(tmp_path / "none"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         startup_checks(tiny_config)
+
+
+def _files(root) -> dict[str, tuple[int, int]]:
+    """Every file under `root` with its size and modification time."""
+    import os
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            st = os.stat(os.path.join(folder, name))
+            out[os.path.join(folder, name)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def test_resuming_with_another_optimizer_is_refused_in_one_line_touching_nothing(tmp_path):
+    """The command line: a run trained without gradient clipping, resumed with it, stops with
+    one line naming the field and status 2, with every file as it was; the unchanged command
+    (a longer run is fine) then resumes from the latest step."""
+    from training_runs import finish, start, steps
+    workdir = tmp_path / "run"
+    out = finish(start(workdir, "--config.total_steps=2"))
+    assert steps(workdir) == [1, 2], out[-3000:]
+    before = _files(workdir)
+    config_json = (workdir / "config.json").read_bytes()
+    proc = start(workdir, "--config.optim.grad_clip_norm=1.0")
+    out = finish(proc)
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
+    assert "config.optim.grad_clip_norm: 0.0 -> 1.0" in errors[0]
+    assert "Nothing was changed" in errors[0] and "--config.init_from=" in errors[0]
+    assert _files(workdir) == before and (workdir / "config.json").read_bytes() == config_json
+    out = finish(start(workdir, "--config.total_steps=3"))
+    assert "Restoring checkpoint of step 2" in out and steps(workdir)[-1] == 3, out[-3000:]
+
+
+def test_another_network_is_refused_naming_the_field_and_init_from_starts_from_its_weights(
+        tiny_workdir, tmp_path):
+    """In process: a wider UNet is refused before anything is written; a new run with another
+    optimizer, started from the old run's weights (`init_from`), holds its params and EMA params
+    at step 0; a wider one takes the arrays that kept their shape."""
+    import json
+    import shutil
+
+    import jax
+    import ml_collections
+    import numpy as np
+
+    from fmboost_jax.checkpoints.store import read_weights
+    from fmboost_jax.errors import UserError
+    from fmboost_jax.train.loop import train_and_evaluate
+    from fmboost_jax.train.setup import build_run
+    workdir = tmp_path / "copy"
+    shutil.copytree(tiny_workdir, workdir)
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    before = _files(workdir)
+    wider = config.copy_and_resolve_references()
+    wider.unet.model_channels = 2 * config.unet.model_channels
+    with pytest.raises(UserError, match=r"config\.unet\.model_channels: 32 -> 64.*Nothing was "
+                                        r"changed"):
+        train_and_evaluate(wider, str(workdir))
+    assert _files(workdir) == before
+
+    clipped = config.copy_and_resolve_references()
+    clipped.update(init_from=str(workdir))
+    clipped.optim.grad_clip_norm = 1.0
+    run = build_run(clipped, str(tmp_path / "new"))
+    weights, step = read_weights(str(workdir))
+    assert int(run.state.step) == 0 and step == 2
+    for key in ("params", "ema_params"):
+        for a, b in zip(jax.tree.leaves(getattr(run.state, key)), jax.tree.leaves(weights[key])):
+            np.testing.assert_array_equal(np.asarray(a), b)
+    run.checkpoints.close()
+    wider.init_from = str(workdir)            # non-strict: what keeps its shape is taken
+    run = build_run(wider, str(tmp_path / "wider"))
+    np.testing.assert_array_equal(np.asarray(run.state.params["out_2"]["bias"]),
+                                  weights["params"]["out_2"]["bias"])
+    assert run.state.params["out_2"]["kernel"].shape != weights["params"]["out_2"]["kernel"].shape
+    run.checkpoints.close()
