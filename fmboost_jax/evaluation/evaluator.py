@@ -42,7 +42,8 @@ class Evaluator:
     """Samples the held-out set and scores CFM and `config.eval.baselines` with
     `config.eval.metrics`.
 
-    The held-out images are split over the mesh's devices in chunks of `eval_batch_size`; the
+    The held-out images are split over the mesh's devices in chunks of `eval_batch_size`, each
+    padded to a multiple of the device count (the padding rows are sampled and not scored); the
     per-image scores and the grid images come back replicated to every process.
     """
 
@@ -51,7 +52,8 @@ class Evaluator:
         self.cfm, self.mesh = cfm, mesh
         self.num_grid = min(config.num_grid_images, images.shape[0])
         chunk = config.eval_batch_size or config.batch_size
-        self.chunks = [sharding_lib.put_batch(images[i:i + chunk], mesh)
+        self.chunks = [(sharding_lib.put_batch(images[i:i + chunk], mesh),
+                        min(chunk, images.shape[0] - i))
                        for i in range(0, images.shape[0], chunk)]
         self.num_images, self.size = images.shape[0], images.shape[1]
         # throw=False: a solver failure is reported by `success` instead of a host callback,
@@ -93,9 +95,11 @@ class Evaluator:
         grid, nfe = None, 0
         fid = benchmark.FIDMetrics(self.features, ("cfm", *self.baselines), self.fid_metrics,
                                    **self.fid_options) if self.features is not None else None
-        for i, images in enumerate(self.chunks):
+        for i, (images, valid) in enumerate(self.chunks):
             scores, g, n, ok, kept = jax.device_get(
                 self._run_chunk(params, fs_params, images, jax.random.fold_in(rng, i)))
+            scores, g = {k: v[:valid] for k, v in scores.items()}, g[:valid]
+            kept = None if kept is None else jax.tree.map(lambda a, v=valid: a[:v], kept)
             if not ok:
                 raise RuntimeError(f"Evaluation: the sampler {self.solver} failed: an ODE solve "
                                    "that did not reach t = 1 (raise config.sampling.max_steps or "

@@ -132,7 +132,10 @@ def put_replicated(tree: PyTree, mesh: Mesh) -> PyTree:
 
 def put_batch(images: np.ndarray, mesh: Mesh) -> jax.Array:
     """A host array identical on every process (e.g. the eval set) -> a global array split
-    over the devices along its first axis, or replicated when that does not divide."""
-    n = mesh.size
-    sharding = batch_sharding(mesh) if images.shape[0] % n == 0 else replicated(mesh)
-    return jax.make_array_from_callback(images.shape, sharding, lambda idx: images[idx])
+    over the devices along its first axis, padded with copies of its last row to a multiple of
+    the device count (the first `len(images)` rows are the images)."""
+    pad = -images.shape[0] % mesh.size
+    if pad:
+        images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+    return jax.make_array_from_callback(images.shape, batch_sharding(mesh),
+                                        lambda idx: images[idx])

@@ -1,6 +1,7 @@
 """Boosts a batch of 3 with the batch split over 8 fake CPU devices and on one device; prints the
 largest difference; then the same for an SDE sampler of the noised coupling, on the padded batch,
-and for the FID Inception's features (a random-weight network).
+for the FID Inception's features (a random-weight network), and for the training evaluator on a
+held-out set the devices do not divide.
 Run by tests/inference/test_upsampler.py in a fresh process:
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/inference/split_over_devices.py
 """
@@ -18,8 +19,10 @@ from support import tiny_pixel_config
 from fmboost_jax.cfm.model import CFM
 from fmboost_jax.cfm.sampling import make_sample_fn
 from fmboost_jax.evaluation.benchmark import InceptionFeatures, _network, _preprocess
+from fmboost_jax.evaluation.evaluator import Evaluator
 from fmboost_jax.inference.upsampler import Upsampler, _split_over_local_devices
 from fmboost_jax.models import inception
+from fmboost_jax.parallel import sharding
 
 config = tiny_pixel_config()
 config.unet.update(channel_mult=(1,), attention_resolutions=())   # compiles fastest
@@ -51,3 +54,20 @@ split = features(images)
 alone = np.asarray(_network(variables, _preprocess(images)))
 print("INCEPTION", features.batch, len(features.split.device_set),
       float(np.abs(split - alone).max() / np.abs(alone).max()))
+
+# The training evaluator on 5 held-out images, which 8 devices do not divide: padded to 8, one
+# row per device, and the same scores as on one device.
+config = tiny_pixel_config()
+config.unet.update(channel_mult=(1,), attention_resolutions=())
+config.eval_batch_size = 16
+cfm = CFM.from_config(config)
+held_out = np.random.default_rng(2).uniform(-1, 1, (5, 16, 16, 3)).astype(np.float32)
+results = {}
+for name, devices in (("split", jax.devices()), ("one", jax.devices()[:1])):
+    mesh = sharding.make_mesh((("data", -1), ("fsdp", 1)), devices)
+    evaluator = Evaluator(cfm, config, held_out, mesh)
+    (chunk, valid), = evaluator.chunks
+    rows = chunk.sharding.shard_shape(chunk.shape)[0]
+    results[name] = (rows, valid, evaluator.run(params, {}, jax.random.PRNGKey(4))[0])
+print("EVALUATOR", results["split"][0], results["split"][1], results["one"][0],
+      max(abs(results["split"][2][k] - results["one"][2][k]) for k in results["one"][2]))

@@ -145,6 +145,9 @@ def test_a_batch_is_split_over_the_local_devices_with_the_single_device_result()
     row = next(r for r in proc.stdout.splitlines() if r.startswith("SDE")).split()
     assert int(row[1]) == 8                                  # sharded SDE sample, same noise
     assert float(row[2]) <= rounding_bound(int(row[3]), float(row[4]))
+    row = next(r for r in proc.stdout.splitlines() if r.startswith("EVALUATOR")).split()
+    # 5 held-out images on 8 devices: one row each (padded), not all 5 on every device
+    assert (int(row[1]), int(row[2]), int(row[3])) == (1, 5, 5) and float(row[4]) <= 1e-4
     row = next(r for r in proc.stdout.splitlines() if r.startswith("INCEPTION")).split()
     assert (int(row[1]), int(row[2])) == (8, 8) and float(row[3]) <= 1e-5   # sharded features
 
