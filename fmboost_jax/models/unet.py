@@ -47,7 +47,8 @@ def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array
 class GroupNorm(nn.Module):
     """GroupNorm(32 groups, eps 1e-5) over (B, ..., C), with the parameters of `nn.GroupNorm`.
 
-    Statistics are taken in float32 in one pass (E[x], E[x^2]); the normalisation, the affine
+    Statistics are taken in float32 in two passes (the mean, then the mean square about it:
+    exact for activations with a large mean, as PyTorch's); the normalisation, the affine
     and an optional per-sample modulation `* (1 + scale) + shift` ((B, C) each) are folded into
     a single per-(sample, channel) multiply-add, which is cheaper to run and to differentiate.
     """
@@ -61,15 +62,16 @@ class GroupNorm(nn.Module):
         gamma = self.param("scale", nn.initializers.ones, (c,))
         beta = self.param("bias", zeros, (c,))
         xf = x.astype(jnp.float32)
-        mean = group_mean(xf, self.num_groups)
-        var = jnp.maximum(group_mean(jnp.square(xf), self.num_groups) - jnp.square(mean), 0.0)
+        bcast = (b,) + (1,) * (x.ndim - 2) + (c,)
         per_channel = lambda v: jnp.repeat(v, c // self.num_groups, axis=-1)  # (B, G) -> (B, C)
+        mean = group_mean(xf, self.num_groups)
+        # Two passes: E[x^2] - E[x]^2 cancels catastrophically when |mean| >> std.
+        var = group_mean(jnp.square(xf - per_channel(mean).reshape(bcast)), self.num_groups)
         mul = per_channel(jax.lax.rsqrt(var + self.epsilon)) * gamma
         add = beta - per_channel(mean) * mul
         if scale is not None:
             mul, add = mul * (1 + scale), add * (1 + scale) + shift
-        bcast = (b,) + (1,) * (x.ndim - 2) + (c,)
-        y = x.astype(jnp.float32) * mul.reshape(bcast) + add.reshape(bcast)
+        y = xf * mul.reshape(bcast) + add.reshape(bcast)
         return y.astype(self.dtype)
 
 

@@ -59,16 +59,18 @@ def test_fresh_unet_outputs_zero_because_output_conv_is_zero_initialised():
     assert float(jnp.abs(params["params"]["out_2"]["kernel"]).max()) == 0.0
 
 
-def test_groupnorm_matches_pytorch_formula_with_epsilon_1e_5():
-    # With a variance comparable to eps, a Flax-default eps (1e-6) would differ by ~40%.
+@pytest.mark.parametrize("mean, std", [(0.0, 3e-3), (30.0, 0.05)])
+def test_groupnorm_matches_pytorch_formula_with_epsilon_1e_5(mean, std):
+    """With a variance comparable to eps, a Flax-default eps (1e-6) would differ by ~40%; with a
+    mean 600 times the spread, variance as E[x^2] - E[x]^2 in float32 is off by tens of %."""
     from fmboost_jax.models.unet import _group_norm
-    x = 3e-3 * jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 64))
+    x = mean + std * jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 64))
     norm = _group_norm("n", jnp.float32)
     y = norm.apply(norm.init(jax.random.PRNGKey(0), x), x)
-    g = np.asarray(x).reshape(2, 16, 32, 2)
+    g = np.asarray(x, np.float64).reshape(2, 16, 32, 2)
     mean, var = g.mean(axis=(1, 3), keepdims=True), g.var(axis=(1, 3), keepdims=True)
     want = ((g - mean) / np.sqrt(var + 1e-5)).reshape(x.shape)
-    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(y, want, rtol=1e-3, atol=2e-3)
 
 
 def _randomised(params, seed=3):
