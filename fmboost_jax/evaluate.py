@@ -183,6 +183,7 @@ def run(args: argparse.Namespace, overrides: dict[str, dict[str, str]]) -> dict[
     fid_options, skipped = fid_setup(args, metrics, config, size, len(images))
     inception_path = fid_options.pop("inception", None)
     up = load_upsampler(args.model, args.config, vae=args.vae, dtype=args.dtype, step=args.step)
+    up.batch_size = args.batch_size             # a last, smaller batch reuses the program
     if size % up.upscale:
         raise UserError(f"image size {size} is not a multiple of the model's {up.upscale}x")
     up.output_size(size // up.upscale, size // up.upscale)     # names a size it cannot take
@@ -225,6 +226,7 @@ def compared_models(args: argparse.Namespace, up: Any) -> dict[str, tuple[Any, d
     out: dict[str, tuple[Any, dict]] = {}
     for name, path in compare_specs(args).items():
         other = load_upsampler(path, vae=args.vae, dtype=args.dtype)
+        other.batch_size = args.batch_size
         if other.upscale != up.upscale:
             raise UserError(f"--compare_model {name}={path}: that model up-samples {other.upscale}x, "
                              f"--model {up.upscale}x")

@@ -292,6 +292,8 @@ def load_model(args: argparse.Namespace):
     configs = args.config or [None]
     stages = [load_upsampler(m, configs[i % len(configs)], vae=args.vae, dtype=args.dtype,
                              step=args.step) for i, m in enumerate(args.model)]
+    for stage in stages:
+        stage.batch_size = args.batch_size      # a last, smaller batch reuses the program
     return stages[0] if len(stages) == 1 else Cascade(stages)
 
 

@@ -46,6 +46,7 @@ class Upsampler:
     fs_params: PyTree
     config: ml_collections.ConfigDict
     memory_limit: int | None = None    # bytes per device a boost may use (None: what is free)
+    batch_size: int = 1                # smaller batches are padded to it: one program for all
     step: int | None = None            # the training step of the params (None: unknown)
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -94,7 +95,7 @@ class Upsampler:
         """The sampler of (`latents`, `options`) compiled for `x`'s shape, checked to fit the
         devices' memory (`memory.TooLarge` otherwise) and run split over the local devices."""
         rng = jax.random.PRNGKey(0) if rng is None else rng
-        n, x = x.shape[0], _split_over_local_devices(x)
+        n, x = x.shape[0], _split_over_local_devices(x, self.batch_size)
         key = (latents, *sorted(options.items()), x.shape)
         if key not in self._compiled:
             fn = sampling.make_sample_fn(self.cfm, latents=latents, **options)
@@ -221,10 +222,10 @@ def _local_mesh() -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))
 
 
-def _split_over_local_devices(x: jax.Array) -> jax.Array:
-    """The batch padded to a multiple of the local devices (with copies of its last row) and
-    split over them."""
-    pad = -x.shape[0] % jax.local_device_count()
+def _split_over_local_devices(x: jax.Array, rows: int = 1) -> jax.Array:
+    """The batch padded (with copies of its last row) to at least `rows` rows and a multiple of
+    the local devices, and split over them."""
+    pad = -max(x.shape[0], rows) % jax.local_device_count() + max(rows - x.shape[0], 0)
     x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
     sharding = jax.sharding.NamedSharding(_local_mesh(), jax.sharding.PartitionSpec("batch"))
     return jax.device_put(x, sharding)

@@ -5,21 +5,42 @@ import jax
 import numpy as np
 import pytest
 
-from fmboost_jax.cfm.upsampling import resize
 from fmboost_jax.data import photos
 from fmboost_jax.inference.upsampler import Cascade, largest_output, load_upsampler
 
 
 def test_a_workdir_loads_with_its_config_and_boosts_any_size(tiny_workdir):
+    """The boost is the sampler run with the run's EMA params (not the online ones, not fresh
+    ones), at any input size the network takes."""
+    from fmboost_jax.cfm.sampling import make_sample_fn
+    from fmboost_jax.checkpoints.store import read_weights
     up = load_upsampler(tiny_workdir)
     assert up.upscale == 4 and up.config.high_res_size == 16
+    weights, _ = read_weights(tiny_workdir)
+    sample = make_sample_fn(up.cfm, solver="euler", num_steps=2)
     for shape in ((2, 4, 4, 3), (1, 6, 10, 3)):
         x = jax.random.uniform(jax.random.PRNGKey(0), shape, minval=-1, maxval=1)
-        out = up(x, solver="euler", num_steps=2)
+        rng = jax.random.PRNGKey(1)
+        out = up(x, rng, solver="euler", num_steps=2)
         assert out.images.shape == (shape[0], 4 * shape[1], 4 * shape[2], 3)
         assert int(out.stats["nfe"]) == 2
-        bilinear = resize(x, out.images.shape[1:3], "bilinear")
-        assert float(np.abs(np.asarray(out.images) - np.asarray(bilinear)).mean()) < 0.2
+        got = {k: np.asarray(sample(weights[k], {}, x, rng).images)
+               for k in ("ema_params", "params")}
+        np.testing.assert_allclose(out.images, got["ema_params"], atol=1e-6)
+        fresh = np.asarray(sample(up.cfm.init_params(jax.random.PRNGKey(0)), {}, x, rng).images)
+        assert np.abs(got["ema_params"] - fresh).max() > 1e-4        # the params matter
+        assert np.abs(got["ema_params"] - got["params"]).max() > 1e-6
+
+
+def test_a_smaller_last_batch_is_padded_and_reuses_the_compiled_boost(tiny_workdir):
+    up = load_upsampler(tiny_workdir)
+    up.batch_size = 4
+    x = photos.eval_crops(("coffee",), 8, 4)
+    rng = jax.random.PRNGKey(2)
+    four = up(x, rng, solver="euler", num_steps=2)
+    three = up(x[:3], rng, solver="euler", num_steps=2)
+    assert len(up._compiled) == 1 and three.images.shape[0] == 3
+    np.testing.assert_allclose(three.images, np.asarray(four.images)[:3], atol=1e-6)
 
 
 def test_the_same_options_and_shape_compile_once(tiny_workdir):
