@@ -13,8 +13,11 @@ from fmboost_jax.train.step import check_finite, make_train_step
 
 @pytest.mark.parametrize("before_update", [True, False])
 def test_the_ema_folds_in_the_params_before_or_after_the_update(tiny_config, before_update):
+    """Two compiled steps with the EMA averaging from the first one (update_after_step 0): the
+    first copies, the second averages with decay 1 - 2^-0.75, of the params before the update
+    (the reference) or after it."""
     tiny_config.unet.update(channel_mult=(1,), attention_resolutions=())
-    tiny_config.ema.update(update_after_step=10, before_update=before_update)   # copies
+    tiny_config.ema.update(update_after_step=0, before_update=before_update, power=0.75)
     cfm = CFM.from_config(tiny_config)
     tx = make_optimizer(tiny_config.optim)
     state = create_train_state(cfm.init_params(jax.random.PRNGKey(0)), tx, jax.random.PRNGKey(1))
@@ -22,9 +25,16 @@ def test_the_ema_folds_in_the_params_before_or_after_the_update(tiny_config, bef
     step = jax.jit(make_train_step(cfm, tx, tiny_config))
     s1, m1 = step(state, {}, batch)
     s2, _ = step(s1, {}, batch)
-    want = (s1 if before_update else s2).params       # the reference: one step behind
-    for e, p in zip(jax.tree.leaves(s2.ema_params), jax.tree.leaves(want)):
-        np.testing.assert_array_equal(e, p)
+    first, second = (state, s1) if before_update else (s1, s2)     # what each step averages
+    decay = 1.0 - 2.0 ** -0.75
+    for e1, e2, p1, p2 in zip(*map(jax.tree.leaves, (s1.ema_params, s2.ema_params,
+                                                      first.params, second.params))):
+        np.testing.assert_array_equal(e1, p1)                       # step 0: a copy
+        np.testing.assert_allclose(e2, decay * np.asarray(p1) + (1 - decay) * np.asarray(p2),
+                                   rtol=1e-6, atol=1e-7)
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(first.params),
+                                                             jax.tree.leaves(second.params)))
+    assert moved > 1e-5                                  # the two params differ: a real average
     assert float(m1["lr"]) == pytest.approx(1e-3 / 2)  # warm-up 2: the first update has lr / 2
 
 
