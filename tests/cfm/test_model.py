@@ -62,11 +62,28 @@ def test_identity_takes_the_latent_as_it_is_and_needs_equal_sizes(space, images)
         validate(c)
 
 
-def test_the_loss_of_a_psu_source_with_another_context_mode_is_finite(images):
+def test_the_loss_of_a_psu_source_takes_its_context_from_the_context_mode(images):
+    """PSU source, bilinear context: the loss is that of a network that sees the bilinear
+    up-sampled latent (not the PSU one), with every parameter random so the context matters."""
+    from fmboost_jax.cfm import flow
     cfm, fs_params, _ = _cfm("vae", "psu", "bilinear")
-    params = cfm.init_params(jax.random.PRNGKey(2))
-    loss = cfm.loss(params, fs_params, {"image": images[64]}, jax.random.PRNGKey(3))
-    assert np.isfinite(float(loss)) and float(loss) > 0
+    init = cfm.init_params(jax.random.PRNGKey(2))
+    leaves, tree = jax.tree.flatten(init)
+    keys = jax.random.split(jax.random.PRNGKey(5), len(leaves))
+    params = jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape)
+                                       for a, k in zip(leaves, keys)])
+    rng = jax.random.PRNGKey(3)
+    loss = float(cfm.loss(params, fs_params, {"image": images[64]}, rng))
+    prep_rng, loss_rng, drop_rng, _ = jax.random.split(rng, 4)      # the loss's key layout
+    x0, x1, _ = cfm.prepare(fs_params, {"image": images[64]}, prep_rng)
+    lowres = LowRes(images=cfm.lowres_images(images[64]))
+
+    def with_context(mode):
+        ctx = upsample(mode, lowres, x1.shape[1:3], cfm.first_stage, fs_params, None)
+        v = lambda x, t: cfm.velocity(params, x, t, ctx, train=True, rng=drop_rng)
+        return float(flow.flow_matching_loss(v, cfm.path, x0, x1, loss_rng, cfm.sigma_min))
+    assert loss == pytest.approx(with_context("bilinear"), rel=1e-5)
+    assert abs(loss - with_context("psu")) > 1e-3 * loss
 
 
 def test_precomputed_latents_give_the_pairs_encoding_on_the_fly_gives(images):

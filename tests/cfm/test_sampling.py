@@ -53,10 +53,20 @@ def test_dopri5_reports_its_evaluations_and_intermediates(cfm_and_params, lowres
 
 
 def test_per_sample_solving_gives_each_image_its_own_stats(cfm_and_params, lowres):
+    """With random params (a velocity that depends on the image) and two images of different
+    difficulty, each image's steps are those of solving it alone."""
     cfm, params = cfm_and_params
-    out = make_sample_fn(cfm, solver="dopri5", per_sample=True)(params, {}, lowres,
-                                                                jax.random.PRNGKey(0))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
+    params = jax.tree.unflatten(tree, [a + 0.2 * jax.random.normal(k, a.shape)
+                                       for a, k in zip(leaves, keys)])
+    images = jnp.stack([jnp.zeros_like(lowres[0]), 3.0 * lowres[1]])
+    fn = make_sample_fn(cfm, solver="dopri5", per_sample=True, rtol=1e-4, atol=1e-5)
+    out = fn(params, {}, images, jax.random.PRNGKey(0))
     assert out.images.shape == (2, 16, 16, 3) and out.stats["nfe"].shape == (2,)
+    alone = [int(fn(params, {}, images[i:i + 1], jax.random.PRNGKey(0)).stats["nfe"][0])
+             for i in range(2)]
+    assert out.stats["nfe"].tolist() == alone and alone[0] != alone[1], alone
 
 
 def test_the_output_size_follows_the_input_and_each_option_set_compiles_once(cfm_and_params):

@@ -110,6 +110,23 @@ def test_the_lhq_config_trains_in_latent_space_and_samples(tmp_path):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert os.listdir(tmp_path / "samples")
+    # The final PSNR is that of sampling the held-out set in latent space with the saved EMA
+    # params, as the run's evaluator keys it (chunk 0 of the eval key folded with the step).
+    from fmboost_jax.cfm.sampling import make_sample_fn, solver_options
+    from fmboost_jax.checkpoints.store import read_weights
+    from fmboost_jax.data import pipeline
+    from fmboost_jax.evaluation.metrics import psnr
+    cfm = CFM.from_config(c)
+    _, fs_rng, _, eval_rng = jax.random.split(jax.random.PRNGKey(c.seed), 4)
+    weights, step = read_weights(str(tmp_path))
+    truth = jnp.asarray(pipeline.eval_images(c))
+    assert step == 3 and len(truth) <= (c.eval_batch_size or c.batch_size)      # one chunk
+    out = make_sample_fn(cfm, **solver_options(c.sampling), throw=False)(
+        weights["ema_params"], cfm.first_stage.init_params(fs_rng), cfm.lowres_images(truth),
+        jax.random.fold_in(jax.random.fold_in(eval_rng, 3), 0))
+    assert out.latents.shape == (len(truth), 8, 8, 4)       # 64 px through the VAE's factor 8
+    assert float(jnp.mean(psnr(jnp.clip(out.images, -1, 1), truth))) == pytest.approx(
+        final["cfm/psnr"], abs=1e-4)
 
 
 def _lowerings(run) -> int:
