@@ -218,7 +218,9 @@ class Encoder(nn.Module):
                             name=f"down_blocks_{last}_resnets_{j}")(h)
         h = MidBlock(cfg.ch * cfg.ch_mult[-1], self.dtype, name="mid_block")(h)
         h = nn.silu(_norm("conv_norm_out", self.dtype)(h))
-        return conv(2 * cfg.z_channels, 3, "conv_out", self.dtype)(h)
+        # The moments are computed in float32 whatever the compute dtype: they are the flow's
+        # targets x1 and its PSU context, which bfloat16 would round to 8 bits of mantissa.
+        return conv(2 * cfg.z_channels, 3, "conv_out", jnp.float32)(h)
 
 
 class Decoder(nn.Module):
@@ -258,7 +260,8 @@ class AutoencoderKL(nn.Module):
         cfg = self.config
         self.encoder = Encoder(cfg, self.dtype)
         self.decoder = Decoder(cfg, self.dtype)
-        conv1x1 = lambda c: nn.Conv(c, (1, 1), dtype=self.dtype, kernel_init=torch_default_init)
+        # The 1x1 convs next to the latent compute in float32 (the latents are never rounded).
+        conv1x1 = lambda c: nn.Conv(c, (1, 1), dtype=jnp.float32, kernel_init=torch_default_init)
         if cfg.use_quant_conv:
             self.quant_conv = conv1x1(2 * cfg.z_channels)
         if cfg.use_post_quant_conv:
@@ -287,7 +290,7 @@ class AutoencoderKL(nn.Module):
     def decode_latent_part(self, z: Array) -> Array:
         """Raw latents (B, h, w, C) -> decoder features before the first up-sampling (B, h, w, C')."""
         if self.config.use_post_quant_conv:
-            z = self.post_quant_conv(z.astype(self.dtype))
+            z = self.post_quant_conv(z.astype(jnp.float32))
         return self.decoder(z, "latent")
 
     def decode_pixel_part(self, h: Array) -> Array:
