@@ -76,8 +76,9 @@ class Lowres:
         self.it, self.down = it, down
 
     def __next__(self):
+        from fmboost_jax.data.images import to_float
         batch = next(self.it)
-        batch["lowres"] = self.down(batch["image"]).block_until_ready()
+        batch["lowres"] = self.down(to_float(batch["image"])).block_until_ready()  # uint8 in
         return batch
 
 

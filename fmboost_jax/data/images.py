@@ -86,9 +86,17 @@ def _resize_shorter(img: np.ndarray, size: int, path: str, min_size: int) -> np.
     return np.asarray(Image.fromarray(img).resize(new, Image.Resampling.LANCZOS, reducing_gap=None))
 
 
+# The 256 float32 values of uint8 pixels in [-1, 1]. Converting by looking them up gives the same
+# bits on the host (numpy) and on a device (XLA, which may fuse x / 127.5 - 1 into other ops).
+_UNIT = np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
 def to_float(img: Any) -> Any:
-    """uint8 -> float32 in [-1, 1]; numpy or jax arrays."""
-    return img.astype("float32") / 127.5 - 1.0
+    """uint8 -> float32 in [-1, 1]; numpy arrays on the host, jax arrays on their device."""
+    if isinstance(img, np.ndarray):
+        return _UNIT[img]
+    import jax.numpy as jnp
+    return jnp.asarray(_UNIT)[img]
 
 
 def to_uint8(images: Any) -> Any:

@@ -5,18 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
 from fmboost_jax.cfm.model import CFM
+from fmboost_jax.data.images import to_float
 from fmboost_jax.train.state import TrainState, learning_rate_schedule, update_ema
 
 PyTree = Any
 
 
 def make_train_step(cfm: CFM, tx: optax.GradientTransformation, config: ml_collections.ConfigDict):
-    """`train_step(state, fs_params, batch) -> (state, metrics)`, pure and jittable.
+    """`train_step(state, fs_params, batch) -> (state, metrics)`, pure and jittable; uint8
+    images (as the input pipeline sends them) are converted to [-1, 1] on the device.
 
     The loss and the optimizer run in float32 whatever `config.dtype` (the UNet's compute dtype)
     is; the first stage's params are an argument and never differentiated.
@@ -25,6 +28,8 @@ def make_train_step(cfm: CFM, tx: optax.GradientTransformation, config: ml_colle
     ema_cfg = config.ema
 
     def train_step(state: TrainState, fs_params: PyTree, batch: dict[str, jax.Array]):
+        if "image" in batch and batch["image"].dtype == jnp.uint8:    # converted on the device
+            batch = {**batch, "image": to_float(batch["image"])}
         rng = jax.random.fold_in(state.rng, state.step)
         loss, grads = jax.value_and_grad(cfm.loss)(state.params, fs_params, batch, rng, True)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -42,3 +42,22 @@ def test_a_non_finite_step_names_the_step_and_the_intact_checkpoint():
     check_finite(3, {"loss": 1.0, "grad_norm": 2.0}, None)
     with pytest.raises(FloatingPointError, match=r"step 7: loss nan.*checkpoint \(step 6\)"):
         check_finite(7, {"loss": float("nan"), "grad_norm": 1.0}, 6)
+
+
+def test_uint8_images_are_converted_on_the_device_bitwise_as_on_the_host(tiny_config):
+    """The input pipeline sends uint8 (a quarter of float32's bytes); converted on the device
+    they are bitwise the host's float32 pixels, and the step trains as on those (to the
+    rounding of another fusion of the same program)."""
+    from fmboost_jax.data.images import to_float
+    tiny_config.unet.update(channel_mult=(1,), attention_resolutions=())
+    cfm = CFM.from_config(tiny_config)
+    tx = make_optimizer(tiny_config.optim)
+    state = create_train_state(cfm.init_params(jax.random.PRNGKey(0)), tx, jax.random.PRNGKey(1))
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(jax.jit(to_float)(jnp.asarray(pixels)), to_float(pixels))
+    step = jax.jit(make_train_step(cfm, tx, tiny_config))
+    on_device, m8 = step(state, {}, {"image": jnp.asarray(pixels)})
+    on_host, m32 = step(state, {}, {"image": jnp.asarray(to_float(pixels))})
+    assert float(m8["loss"]) == pytest.approx(float(m32["loss"]), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(on_device.params), jax.tree.leaves(on_host.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
