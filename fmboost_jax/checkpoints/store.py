@@ -252,13 +252,8 @@ def _with_retries(read, what: str):
 def leaf_shapes(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
     """{"params/unet/conv/kernel": (shape, dtype), ...} of a state or of a checkpoint's metadata,
     with the same names for both (attribute, key and index steps all become path parts)."""
-    def part(entry: Any) -> str:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                return str(getattr(entry, attr))
-        return str(entry)
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(part(e) for e in path): (tuple(leaf.shape), jnp.dtype(leaf.dtype).name)
+    return {checksums.leaf_name(path): (tuple(leaf.shape), jnp.dtype(leaf.dtype).name)
             for path, leaf in leaves}
 
 
@@ -279,16 +274,16 @@ def state_differences(mngr: ocp.CheckpointManager, step: int, abstract_state: Py
     return out
 
 
-def _restore_verified(mngr: ocp.CheckpointManager, step: int, items: dict[str, Any]
-                      ) -> dict[str, Any]:
-    """Restores the `items` of `step` and checks its state against the checksums saved with it;
-    raises on any fault."""
+def _restore_verified(mngr: ocp.CheckpointManager, step: int, items: dict[str, Any],
+                      parts: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Restores the `items` of `step` and checks its state (the `parts` of it that were read,
+    or all) against the checksums saved with it; raises on any fault."""
     verified = (epath.Path(mngr.directory) / str(step) / CHECKSUMS).exists()
     if verified:
         items = {**items, CHECKSUMS: ocp.args.JsonRestore()}
     with _quiet_abandoned_reads():
         restored = mngr.restore(step, args=ocp.args.Composite(**items))
-    _verify(restored, step, verified)
+    _verify(restored, step, verified, parts)
     return restored
 
 
@@ -306,12 +301,15 @@ def _quiet_abandoned_reads() -> Iterator[None]:
         sys.unraisablehook = hook
 
 
-def _verify(restored: Any, step: int, verified: bool) -> None:
+def _verify(restored: Any, step: int, verified: bool, parts: tuple[str, ...] | None) -> None:
     if not verified:
         logging.warning("The checkpoint of step %d has no checksums (an earlier version wrote "
                         "it): restored unverified.", step)
         return
-    wrong = checksums.mismatches(restored[CHECKSUMS], restored["state"])
+    expected = restored[CHECKSUMS]
+    if parts is not None:                       # a partial read: the sums of what was read
+        expected = {k: v for k, v in expected.items() if k.split("/")[0] in parts}
+    wrong = checksums.mismatches(expected, restored["state"])
     if wrong:
         more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
         raise ValueError(f"checksums differ for {', '.join(wrong[:3])}{more}: the files changed "
@@ -351,16 +349,21 @@ def restore_params(workdir: str, use_ema: bool = True, step: int | None = None,
     that reads and passes its checksums, as host-local arrays, e.g. for sampling in a notebook;
     `(params, step)` with `with_step`. Older checkpoints are tried in turn with a warning; a
     reader moves nothing."""
-    weights, s = read_weights(workdir, step)
-    params = weights["ema_params" if use_ema else "params"]
-    return (params, s) if with_step else params
+    key = "ema_params" if use_ema else "params"
+    weights, s = read_weights(workdir, step, (key,))
+    return (weights[key], s) if with_step else weights[key]
 
 
-def read_weights(workdir: str, step: int | None = None) -> tuple[dict[str, PyTree], int]:
-    """({"params": ..., "ema_params": ...}, step) of the latest (or given) usable checkpoint in
-    `workdir`, host-local; FileNotFoundError when it has none, CheckpointError when none reads."""
+def read_weights(workdir: str, step: int | None = None,
+                 parts: tuple[str, ...] = ("params", "ema_params")
+                 ) -> tuple[dict[str, PyTree], int]:
+    """({part: tree}, step) of the `parts` of the state ("params", "ema_params") of the latest
+    (or given) usable checkpoint in `workdir`, host-local: only those arrays are read (not the
+    optimizer's moments) and checked against their checksums. FileNotFoundError when it has no
+    checkpoint, CheckpointError when none reads."""
     path = checkpoint_dir(workdir)
-    mngr = ocp.CheckpointManager(path, item_handlers=_item_handlers())
+    mngr = ocp.CheckpointManager(path, item_handlers={**_item_handlers(),
+                                                      "state": ocp.PyTreeCheckpointHandler()})
     steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
     if not steps:
         raise FileNotFoundError(f"No checkpoint in {path}")
@@ -368,8 +371,9 @@ def read_weights(workdir: str, step: int | None = None) -> tuple[dict[str, PyTre
     try:
         for s in steps:
             try:
-                state = _with_retries(lambda s=s: _read_whole(mngr, s), f"step {s} of {path}")
-                return {k: state[k] for k in ("params", "ema_params")}, s
+                state = _with_retries(lambda s=s: _read_parts(mngr, s, parts),
+                                      f"step {s} of {path}")
+                return state, s
             except Exception as err:    # any fault: try the next older one
                 errors.append(f"step {s} ({_cause(err)})")
                 logging.warning("The checkpoint of step %d in %s is unusable: %s", s, path,
@@ -379,10 +383,14 @@ def read_weights(workdir: str, step: int | None = None) -> tuple[dict[str, PyTre
     raise CheckpointError(f"no usable checkpoint in {path}: {'; '.join(errors)}")
 
 
-def _read_whole(mngr: ocp.CheckpointManager, step: int) -> dict[str, PyTree]:
-    """The state of `step` as a dict of host-local arrays, verified, whatever mesh wrote it."""
+def _read_parts(mngr: ocp.CheckpointManager, step: int, parts: tuple[str, ...]
+                ) -> dict[str, PyTree]:
+    """{part: tree} of the state of `step`, host-local whatever mesh wrote it, verified; only
+    the arrays of `parts` are read."""
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     metadata = mngr.item_metadata(step)["state"]
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          metadata)
-    return _restore_verified(mngr, step, {"state": ocp.args.StandardRestore(target)})["state"]
+    target = {p: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              metadata[p]) for p in parts}
+    restore = ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                     restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+    return _restore_verified(mngr, step, {"state": restore}, parts)["state"]

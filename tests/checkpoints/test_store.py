@@ -150,3 +150,42 @@ def test_the_state_shapes_are_compared_from_the_metadata_alone(tmp_path):
     assert store.state_differences(mngr, 1, other) == [
         "w is (3,) float32 in the checkpoint, (4,) float32 now", "1 arrays the checkpoint lacks (b)"]
     mngr.close()
+
+
+def test_reading_the_ema_params_reads_and_verifies_only_them(tmp_path, monkeypatch):
+    """`restore_params` (inference) asks Orbax for the EMA params alone, not the optimizer's
+    moments: a wrong checksum of an Adam moment does not stop it, one of an EMA array does."""
+    import json
+
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from fmboost_jax.checkpoints import store
+
+    class Position:
+        def get_state(self):
+            return {"step": 1}
+
+    state = {"params": {"w": jnp.arange(3.0)}, "ema_params": {"w": jnp.arange(3.0) + 1},
+             "opt_state": {"mu": {"w": jnp.ones(3)}, "nu": {"w": jnp.ones(3)}}}
+    mngr = store.checkpoint_manager(str(tmp_path), keep=2)
+    store.save(mngr, 1, state, Position())
+    mngr.wait_until_finished()
+    mngr.close()
+    asked = []
+    real = ocp.args.PyTreeRestore
+
+    def spy(*args, **kwargs):
+        asked.append(sorted(kwargs["item"]))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ocp.args, "PyTreeRestore", spy)
+    sums_file = tmp_path / "checkpoints" / "1" / "checksums" / "metadata"   # Orbax's JSON item
+    sums = json.load(open(sums_file))
+    sums["opt_state/mu/w"] = [0, 0]                          # as if the moment were damaged
+    json.dump(sums, open(sums_file, "w"))
+    ema = store.restore_params(str(tmp_path))
+    assert ema["w"].tolist() == [1.0, 2.0, 3.0] and asked == [["ema_params"]]
+    sums["ema_params/w"] = [0, 0]
+    json.dump(sums, open(sums_file, "w"))
+    with pytest.raises(store.CheckpointError, match="checksums differ for ema_params/w"):
+        store.restore_params(str(tmp_path))
