@@ -110,7 +110,7 @@ def make_config(s: Setup, dtype: str) -> Any:
     c.high_res_size = s.latent * first_stage.downsample_factor(c)
     c.low_res_size = c.high_res_size // 2
     c.dtype = dtype
-    c.unet.update(**s.unet)
+    c.unet.update(**s.unet, attention=ATTENTION["unet"])
     c.sampling.update(solver="euler", num_steps=s.nfe)
     return c
 
@@ -137,20 +137,34 @@ def random_params(init: Callable[..., Any], *init_args: Any) -> Any:
     return jax.device_put(jax.tree.map(leaf, jax.eval_shape(init, *init_args)))
 
 
+# The UNet's attention implementation for this process's parts (`--attention`, set by
+# `start_jax`): a field of every config the parts build; einsum after cuDNN has failed once.
+ATTENTION = {"unet": "einsum"}
+
+
+class CudnnFailed(Exception):
+    """cuDNN attention failed to compile or run: the part is measured again with einsum."""
+
+
+def _drop_cudnn(err: Exception, what: str) -> None:
+    """Re-raises `err` unless cuDNN attention was in use; then switches to einsum, says so in
+    one line and raises CudnnFailed."""
+    if ATTENTION["unet"] != "cudnn":
+        raise err
+    ATTENTION["unet"] = "einsum"
+    print(f"cuDNN attention failed {what} ({type(err).__name__}: "
+          f"{' '.join(str(err).split())[:200]}); using einsum attention")
+    raise CudnnFailed from err
+
+
 def compile_with_fallback(lower: Callable[[], Any]) -> tuple[Any, float]:
-    """`lower().compile()` and its seconds; if cuDNN attention fails to compile, one line and
-    again with einsum attention."""
-    from fmboost_jax.models import unet
+    """`lower().compile()` and its seconds; CudnnFailed (the part is measured again with einsum
+    attention) when cuDNN attention does not compile."""
     t0 = time.perf_counter()
     try:
         return lower().compile(), time.perf_counter() - t0
     except Exception as err:           # cuDNN rejects a shape or is missing
-        if unet.set_attention_implementation("einsum") != "cudnn":
-            raise
-        print(f"cuDNN attention did not compile ({type(err).__name__}: "
-              f"{' '.join(str(err).split())[:200]}); using einsum attention")
-        t0 = time.perf_counter()
-        return lower().compile(), time.perf_counter() - t0
+        _drop_cudnn(err, "to compile")
 
 
 def out_of_memory(err: BaseException) -> bool:
@@ -346,13 +360,7 @@ def part_boost(s: Setup, dtype: str) -> list[dict]:
     try:
         call()
     except Exception as err:
-        from fmboost_jax.models import unet
-        if unet.set_attention_implementation("einsum") != "cudnn":
-            raise
-        print(f"cuDNN attention failed in the boost ({type(err).__name__}); using einsum")
-        up = Upsampler(cfm, params, fs_params, c)     # compiles anew, with einsum
-        t0 = time.perf_counter()
-        call()
+        _drop_cudnn(err, "in the boost")
     first_s = time.perf_counter() - t0
     times = time_calls(call, 3 if s.steps > 1 else 1, 1)
     fig = figure("boost", f"boost {c.low_res_size}² -> {c.high_res_size}² px, {s.nfe} Euler "
@@ -422,10 +430,8 @@ def start_jax(args: argparse.Namespace) -> dict[str, Any]:
     compile_cache.enable()
     import jax
 
-    from fmboost_jax.models import unet
-    attention = attention_for(args.attention, jax.devices()[0].platform, args.dtype)
-    unet.set_attention_implementation(attention)
-    return {**machine.info(), "attention": attention}
+    ATTENTION["unet"] = attention_for(args.attention, jax.devices()[0].platform, args.dtype)
+    return {**machine.info(), "attention": ATTENTION["unet"]}
 
 
 def measure(args: argparse.Namespace, part: str) -> list[dict]:
@@ -433,8 +439,12 @@ def measure(args: argparse.Namespace, part: str) -> list[dict]:
     s = setup_of(args)
     if part == "torch":
         return part_torch(s, args.dtype, args.smoke)
-    return {"train": part_train, "sample": part_sample, "vae": part_vae,
-            "boost": part_boost}[part](s, args.dtype)
+    run = {"train": part_train, "sample": part_sample, "vae": part_vae,
+           "boost": part_boost}[part]
+    try:
+        return run(s, args.dtype)
+    except CudnnFailed:                    # once: ATTENTION is einsum now
+        return run(s, args.dtype)
 
 
 def run_part(args: argparse.Namespace) -> None:

@@ -132,6 +132,12 @@ def ratio_text(ours: float, ref: float, what: str) -> str:
     return f"ratio vs {what}: {ours:.1f} / {ref:.1f} ms = {r:.3f} ({speed})"
 
 
+def reference_args(unet: dict) -> dict:
+    """`config.unet` as the reference network's arguments: without `attention`, which only says
+    how fmboost_jax computes softmax attention."""
+    return {k: v for k, v in unet.items() if k != "attention"}
+
+
 def torch_unet_calls(cfg: dict[str, Any], batch: dict[str, np.ndarray], device: str = "cpu",
                      autocast: str | None = None) -> tuple[Callable[[], None], Callable[[], None]]:
     """The PyTorch oracle's training step (forward, backward, Adam) and forward pass on `batch`
@@ -144,7 +150,7 @@ def torch_unet_calls(cfg: dict[str, Any], batch: dict[str, np.ndarray], device: 
     from torch_unet_oracle import EfficientUNet as TorchUNet
     torch.manual_seed(0)
     dev = torch.device(device)
-    model = TorchUNet(**cfg).to(dev)
+    model = TorchUNet(**reference_args(cfg)).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     nchw = lambda a: torch.from_numpy(np.array(np.moveaxis(np.asarray(a, np.float32), -1, 1))).to(dev)
     x, c, u = nchw(batch["x_t"]), nchw(batch["context"]), nchw(batch["u"])
@@ -222,7 +228,7 @@ def torch_sample_call(cfg: dict[str, Any], state_dict: dict[str, np.ndarray], x0
     sys.path.insert(0, str(ROOT / "tests"))
     from torch_unet_oracle import EfficientUNet as TorchUNet
     torch.set_num_threads(threads)
-    net = TorchUNet(**cfg).eval()
+    net = TorchUNet(**reference_args(cfg)).eval()
     net.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()})
     nchw = lambda a: torch.from_numpy(np.array(np.moveaxis(np.asarray(a, np.float32), -1, 1)))
     x, c = nchw(x0), nchw(context)

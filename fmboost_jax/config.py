@@ -133,6 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
         attention_resolutions=(8, 16), dropout=0.0, channel_mult=(1, 2, 4, 8),
         conv_resample=True, dim_head=64, num_heads=4, use_linear_attn=False,
         use_scale_shift_norm=True, pool_factor=-1,
+        attention="einsum",            # softmax attention: einsum | xla | cudnn (GPUs, bf16)
     ))
 
     c.optim = ml_collections.ConfigDict(dict(

@@ -34,7 +34,7 @@ from fmboost_jax.first_stage import (
     first_stage_from_config,
     latent_channels,
 )
-from fmboost_jax.models.unet import EfficientUNet
+from fmboost_jax.models.unet import ATTENTION_IMPLEMENTATIONS, EfficientUNet
 
 Array = jax.Array
 PyTree = Any
@@ -184,6 +184,7 @@ def check_config(config: Any) -> None:
         raise ConfigError("low_res_size", f"{lo} does not divide high_res_size {hi}")
     check_one_of(config, "dtype", config_lib.DTYPE_NAMES)
     check_one_of(config, "lowres_downsampling", ("bilinear", "bicubic"))
+    check_one_of(config, "unet.attention", ATTENTION_IMPLEMENTATIONS)
     from fmboost_jax.cfm import coupling
     coupling.check_config(config)
     cp = config.coupling

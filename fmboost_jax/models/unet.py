@@ -106,27 +106,19 @@ class ResBlock(nn.Module):
         return x + h
 
 
-# How `softmax_attention` computes, read when a function is traced (set it before jitting):
-# "einsum" (two einsums around a float32 softmax, the default) or `jax.nn.dot_product_attention`
-# with implementation "xla" or "cudnn" (cuDNN's fused flash attention on NVIDIA GPUs; it takes
-# only bfloat16/float16, so float32 models use "xla" under "cudnn").
+# How `softmax_attention` computes (`config.unet.attention`, a field of the module, so part of
+# what jit traces): "einsum" (two einsums around a float32 softmax, the default) or
+# `jax.nn.dot_product_attention` with implementation "xla" or "cudnn" (cuDNN's fused flash
+# attention on NVIDIA GPUs; it takes only bfloat16/float16, so float32 models use "xla" there).
 ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
-_ATTENTION = {"implementation": "einsum"}
 
 
-def set_attention_implementation(name: str) -> str:
-    """Makes the UNet's softmax attention use `name` (one of `ATTENTION_IMPLEMENTATIONS`) in
-    everything traced from now on; returns the previous setting."""
-    if name not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {name!r}; known: "
-                         f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
-    previous, _ATTENTION["implementation"] = _ATTENTION["implementation"], name
-    return previous
-
-
-def softmax_attention(q: Array, k: Array, v: Array) -> Array:
+def softmax_attention(q: Array, k: Array, v: Array, implementation: str = "einsum") -> Array:
     """Scaled dot-product attention over (B, heads, L, d); softmax in float32."""
-    impl = _ATTENTION["implementation"]
+    impl = implementation
+    if impl not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {impl!r}; known: "
+                         f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
     if impl != "einsum":
         if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
             impl = "xla"
@@ -159,6 +151,7 @@ class SpatialSelfAttention(nn.Module):
     heads: int = 4
     dim_head: int = 64
     use_linear: bool = False
+    implementation: str = "einsum"       # of the softmax attention (ATTENTION_IMPLEMENTATIONS)
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -170,8 +163,8 @@ class SpatialSelfAttention(nn.Module):
         qkv = dense(3 * inner, "qkv", self.dtype)(_group_norm("norm", self.dtype)(x_flat))
         qkv = jnp.swapaxes(qkv, 1, 2).reshape(b, self.heads, n, 3 * self.dim_head)
         q, k, v = jnp.split(qkv, 3, axis=-1)
-        attn = linear_attention if self.use_linear else softmax_attention
-        out = attn(q, k, v).reshape(b, inner, n)
+        out = (linear_attention(q, k, v) if self.use_linear else
+               softmax_attention(q, k, v, self.implementation)).reshape(b, inner, n)
         out = dense(c, "proj_out", self.dtype, zero_init=True)(jnp.swapaxes(out, 1, 2))
         return (x_flat + out).reshape(b, h, w, c)
 
@@ -254,6 +247,7 @@ class EfficientUNet(nn.Module):
     use_linear_attn: bool
     use_scale_shift_norm: bool
     pool_factor: int
+    attention: str = "einsum"            # softmax attention's implementation
     dtype: Dtype = jnp.float32
 
     @classmethod
@@ -291,7 +285,8 @@ class EfficientUNet(nn.Module):
                         kernel_init=torch_default_init)(h)
 
         res = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm, dtype=dt)
-        attn = dict(heads=self.num_heads, dim_head=self.dim_head, dtype=dt)
+        attn = dict(heads=self.num_heads, dim_head=self.dim_head, dtype=dt,
+                    implementation=self.attention)
 
         # Down path: every block's output is kept as a skip.
         hs = [conv(C, 3, "input_blocks_0_0", dt)(h)]

@@ -1,4 +1,5 @@
-"""Tests of the UNet's attention switch (`unet.set_attention_implementation`)."""
+"""Tests of the UNet's attention implementation, a field of the module (`config.unet.attention`):
+the same outputs for each, and each a different traced program."""
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +28,7 @@ def _randomised_small_unet():
 
 
 def _output(model, params, inputs, implementation: str) -> np.ndarray:
-    previous = unet_lib.set_attention_implementation(implementation)
-    try:
-        return np.asarray(model.apply(params, *inputs))   # traced anew: op by op
-    finally:
-        unet_lib.set_attention_implementation(previous)
+    return np.asarray(model.clone(attention=implementation).apply(params, *inputs))
 
 
 def test_dot_product_attention_matches_einsum_attention_in_float32():
@@ -43,20 +40,31 @@ def test_dot_product_attention_matches_einsum_attention_in_float32():
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_the_implementation_is_part_of_what_jit_traces():
+    """A field of the module, not global state: one jitted function of the model gives each
+    implementation's program (the xla one holds no einsum of q and k)."""
+    model, params, inputs = _randomised_small_unet()
+    text = {impl: jax.jit(model.clone(attention=impl).apply).lower(params, *inputs).as_text()
+            for impl in ("einsum", "xla")}
+    assert text["einsum"] != text["xla"]
+
+
 def test_attention_function_matches_for_each_head_layout():
     k = jax.random.split(jax.random.PRNGKey(2), 3)
     q, kk, v = (jax.random.normal(r, (2, 3, 10, 8)) for r in k)   # (B, heads, L, d)
     expected = unet_lib.softmax_attention(q, kk, v)
-    previous = unet_lib.set_attention_implementation("xla")
-    try:
-        got = unet_lib.softmax_attention(q, kk, v)
-    finally:
-        unet_lib.set_attention_implementation(previous)
+    got = unet_lib.softmax_attention(q, kk, v, "xla")
     np.testing.assert_allclose(got, expected, atol=1e-6)
     assert got.shape == q.shape and got.dtype == jnp.float32
 
 
-def test_unknown_implementation_is_refused_and_the_default_is_einsum():
+def test_an_unknown_implementation_is_refused_naming_the_field_and_the_default_is_einsum():
+    from fmboost_jax.errors import ConfigError
+    from fmboost_jax.train.setup import validate
+    assert base_config().unet.attention == "einsum"
+    c = base_config()
+    c.unet.attention = "flash"
+    with pytest.raises(ConfigError, match=r"config\.unet\.attention: must be one of"):
+        validate(c)
     with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
-        unet_lib.set_attention_implementation("flash")
-    assert unet_lib.set_attention_implementation("einsum") == "einsum"
+        unet_lib.softmax_attention(*(jnp.zeros((1, 1, 2, 4)),) * 3, "flash")
