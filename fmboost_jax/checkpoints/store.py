@@ -52,6 +52,7 @@ PyTree = Any
 CONFIG_FILE = "config.json"    # a workdir's config, written once its state is restored or made
 CHECKSUMS = "checksums"
 READ_TRIES = 4                 # reads of one checkpoint before a transient fault is final
+STILL_FAILING = "still failing after retries: "
 FIRST_WAIT = 1.0               # seconds before the first retry; doubled each time
 TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "503", "429",
              "Connection reset", "timed out", "Temporary failure")
@@ -207,7 +208,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: PyTree, step: int | Non
             lambda: _restore_verified(mngr, s, items), f"step {s}"))
         if error is None:
             return restored["state"], restored["data"]
-        if _is_transient(error):
+        if error.startswith(STILL_FAILING):
             raise CheckpointError(f"reading the checkpoint of step {s} in {mngr.directory} failed "
                                   f"{READ_TRIES} times ({error}); nothing was moved: rerun the "
                                   "same command once the storage answers again.")
@@ -222,17 +223,14 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: PyTree, step: int | Non
     return None
 
 
-def _is_transient(error: BaseException | str) -> bool:
+def _is_transient(error: BaseException | None) -> bool:
     """Whether a read failed for a reason outside the checkpoint's files (network, quota)."""
-    if isinstance(error, BaseException):
-        chain = []
-        while error is not None:
-            if isinstance(error, (ConnectionError, TimeoutError)):
-                return True
-            chain.append(str(error))
-            error = error.__cause__ or error.__context__
-        error = " ".join(chain)
-    return any(marker in error for marker in TRANSIENT)
+    while error is not None:
+        if isinstance(error, (ConnectionError, TimeoutError)) or any(
+                marker in str(error) for marker in TRANSIENT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _with_retries(read, what: str):
@@ -241,8 +239,10 @@ def _with_retries(read, what: str):
         try:
             return read()
         except Exception as err:
-            if attempt == READ_TRIES - 1 or not _is_transient(err):
+            if not _is_transient(err):
                 raise
+            if attempt == READ_TRIES - 1:     # the message says so: nothing is moved for it
+                raise OSError(f"{STILL_FAILING}{_cause(err)}") from None
             wait = FIRST_WAIT * 2 ** attempt
             logging.warning("Reading %s failed (%s); retrying in %.0f s", what, _cause(err), wait)
             time.sleep(wait)

@@ -132,8 +132,8 @@ def test_a_transient_read_error_is_retried_and_a_lasting_one_moves_nothing(tmp_p
     state, data = store.restore(mngr, abstract)
     assert state["w"].tolist() == [0.0, 1.0, 2.0] and data == {"step": 1} and len(calls) == 3
 
-    def down(self, *args, **kwargs):
-        raise OSError("UNAVAILABLE: connection refused by the storage")
+    def down(self, *args, **kwargs):                  # no status in the message: its type says
+        raise ConnectionRefusedError("the storage refused the connection")
     monkeypatch.setattr(ocp.CheckpointManager, "restore", down)
     listing = sorted(os.listdir(tmp_path / "checkpoints"))
     with pytest.raises(store.CheckpointError, match="failed 4 times .*nothing was moved"):
