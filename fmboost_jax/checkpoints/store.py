@@ -54,8 +54,9 @@ CHECKSUMS = "checksums"
 READ_TRIES = 4                 # reads of one checkpoint before a transient fault is final
 STILL_FAILING = "still failing after retries: "
 FIRST_WAIT = 1.0               # seconds before the first retry; doubled each time
-TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "503", "429",
-             "Connection reset", "timed out", "Temporary failure")
+TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",   # gRPC/tensorstore codes
+             "503 Service Unavailable", "429 Too Many Requests", "Connection reset",
+             "timed out", "Temporary failure")    # whole phrases: a bare "503" is in byte counts
 
 
 class CheckpointError(RuntimeError):

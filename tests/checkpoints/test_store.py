@@ -140,6 +140,9 @@ def test_a_transient_read_error_is_retried_and_a_lasting_one_moves_nothing(tmp_p
         store.restore(mngr, abstract)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == listing == ["1"]
     mngr.close()
+    # Damage is not a transient fault, whatever numbers its message holds.
+    assert not store._is_transient(ValueError(
+        "OUT_OF_RANGE: Requested byte range [826201, 856231) is not valid for value of size 503208"))
 
 
 def test_the_state_shapes_are_compared_from_the_metadata_alone(tmp_path):
