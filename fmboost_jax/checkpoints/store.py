@@ -247,7 +247,6 @@ def _with_retries(read, what: str):
             wait = FIRST_WAIT * 2 ** attempt
             logging.warning("Reading %s failed (%s); retrying in %.0f s", what, _cause(err), wait)
             time.sleep(wait)
-    raise AssertionError("unreachable")
 
 
 def leaf_shapes(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
