@@ -209,7 +209,8 @@ def run(args: argparse.Namespace, overrides: dict[str, dict[str, str]]) -> dict[
         panels = _panels(lowres, (h, w), out.images, truth)
         if truth is not None:
             shown = [os.path.relpath(n, root) if root else args.input for n in names]
-            scores.add(shown, truth, CFM=out.images, bicubic=panels["bicubic"])
+            scores.add(shown, truth, **{k: images_lib.to_float(panels[k])    # as written
+                                        for k in ("CFM", "bicubic")})
         _write(panels, [(j, dst[names[j]]) for j in missing], lowres, args.compare)
         written += len(missing)
         bar.set_postfix(img_s=f"{written / (time.perf_counter() - start):.2f}",

@@ -8,6 +8,12 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(TESTS))
 sys.path.insert(0, TESTS)
 
+# The tests compile hundreds of small programs, most run once: XLA's CPU backend compiles them
+# without LLVM's optimisation passes (about 40% less compile time; results agree to float32
+# rounding). Set before JAX starts its backend, and inherited by the tests' subprocesses.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

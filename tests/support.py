@@ -28,6 +28,13 @@ def made_once(tmp_path_factory, name: str, make: Callable[[str], None]) -> str:
     return path
 
 
+def devices_env(devices: int, **extra: str) -> dict[str, str]:
+    """The environment of a subprocess that sees `devices` fake CPU devices, with the tests' own
+    XLA flags (conftest) kept."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    return dict(os.environ, XLA_FLAGS=flags.strip(), **extra)
+
+
 def tiny_pixel_config():
     """A pixel-space 4x config small enough to train a few steps in seconds."""
     c = tiny_config.get_config()

@@ -195,7 +195,8 @@ def test_the_local_launcher_does_not_restart_a_refused_run(tmp_path):
     proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "run_local.sh"), "demo:smoke",
                            str(tmp_path / "run"), "--config.low_res_size=5"],
                           capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, MAX_RESTARTS="3"))
+                          env=dict(os.environ, MAX_RESTARTS="3", PATH=os.pathsep.join(
+                              [os.path.dirname(sys.executable), os.environ["PATH"]])))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.count("error: config.low_res_size") == 1
     assert "not restarting" in proc.stderr and "resuming" not in proc.stderr

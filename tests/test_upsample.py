@@ -2,6 +2,7 @@
 comparison, a folder with a corrupt file, resuming, and one-line errors."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,8 @@ from PIL import Image
 from support import ROOT, decompression_bomb
 
 from fmboost_jax import upsample
+from fmboost_jax.data import images as images_lib
+from fmboost_jax.evaluation import metrics
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +53,15 @@ def test_ground_truth_is_down_sampled_boosted_compared_and_scored(tiny_workdir, 
     np.testing.assert_array_equal(compare[16:, 64:], truth[1 + 16:49, 1:33])  # centre crop
     lines = capsys.readouterr().out.splitlines()
     assert lines[-2].startswith(f"{tmp_path / 'truth.png'}: CFM ") and "bicubic" in lines[-2]
+    # The scores are those of the images as written: the boost, and bicubic against the truth
+    # (here below the panels' labels).
+    out = images_lib.to_float(np.asarray(Image.open(tmp_path / "out.png").convert("RGB")))
+    truth_crop = images_lib.to_float(truth[1:49, 1:33])
+    bicubic = images_lib.to_float(compare[:, :32])
+    printed = [float(x) for x in re.findall(r"([0-9.]+) dB", lines[-2])]
+    assert printed[0] == pytest.approx(float(metrics.psnr(out[None], truth_crop[None])[0]), abs=0.006)
+    below = float(metrics.psnr(bicubic[None, 16:], truth_crop[None, 16:])[0])
+    assert printed[1] == pytest.approx(below, abs=1.5)                  # the labels cover a corner
     assert lines[-1].startswith("mean of 1 images against the ground truth: CFM ")
 
 

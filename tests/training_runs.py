@@ -9,7 +9,7 @@ import time
 
 import jax
 import numpy as np
-from support import ROOT
+from support import ROOT, devices_env
 
 TOTAL = 10
 
@@ -23,9 +23,8 @@ BASE_FLAGS = ["--config=tests/tiny_config.py:flat", f"--config.total_steps={TOTA
 
 
 def env(devices: int) -> dict[str, str]:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, "tests", ".jax_cache"),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return devices_env(devices, JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, "tests", ".jax_cache"),
+                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def start(workdir, *flags, devices: int = 1) -> subprocess.Popen:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from photo_folder import lhq_smoke_config
-from support import ROOT
+from support import ROOT, devices_env
 
 from fmboost_jax.data import images as images_lib
 from fmboost_jax.data import pipeline, sources
@@ -43,7 +43,7 @@ def test_latents_precomputed_on_two_devices_match_the_vae_resume_and_train_a_few
     out = tmp_path / "latents"
     proc = subprocess.run(
         [sys.executable, "-c", PRECOMPUTE_TWICE, str(photo_folder), str(out)], cwd=ROOT,
-        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+        env=devices_env(2),
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, second = json.loads(proc.stdout.strip().splitlines()[-1])

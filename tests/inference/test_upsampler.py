@@ -154,10 +154,10 @@ def test_a_batch_is_split_over_the_local_devices_with_the_single_device_result()
     import subprocess
     import sys
 
-    from support import ROOT
+    from support import ROOT, devices_env
     script = os.path.join(ROOT, "tests", "inference", "split_over_devices.py")
     proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                          env=devices_env(8))
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = next(r for r in proc.stdout.splitlines() if r.startswith("RESULT")).split()
     devices, used, padded = int(row[1]), int(row[2]), int(row[3])

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from support import ROOT
+from support import ROOT, devices_env
 
 from fmboost_jax.parallel import sharding
 
@@ -39,7 +39,7 @@ def test_fsdp_shards_the_largest_divisible_dimension_of_big_arrays_only():
 
 @pytest.mark.slow
 def test_data_parallel_and_fsdp_steps_and_samples_match_the_single_device_ones():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = devices_env(8)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_step.py")],
                           capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
