@@ -1,12 +1,35 @@
-"""Paths that may be local or on a bucket (`gs://...`, read through etils.epath)."""
+"""Paths that may be local or on a bucket (`gs://...`): the package's file I/O goes through here.
+
+Remote paths are read and written with etils.epath (gcsfs for `gs://`); Orbax checkpoints reach
+buckets through tensorstore on their own. What a bucket guarantees differs from a disk:
+- an object appears whole or not at all when its upload completes, so `atomic_write` writes a
+  local temporary file and uploads it only when the block ends without an error (there is no
+  rename on a bucket: a copy and a delete);
+- there is no append: a file that grows (`metrics.jsonl`) is rewritten whole;
+- libraries that open files themselves (array_record) need a local copy: `local_copy` stages a
+  remote file on this host's disk once.
+
+Directory listings are not cached (gcsfs caches them by default), so files that other processes
+or tensorstore wrote are seen at once.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
+
+import fsspec
+from etils import epath
+
+for _protocol in ("gs", "gcs"):            # before the first gcsfs instance is made
+    fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
+
+STAGE_ENV = "FMBOOST_STAGE_DIR"            # where remote files are copied for local readers
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -20,23 +43,119 @@ def resolve(path: str | os.PathLike) -> str:
     return path if is_remote(path) else os.path.abspath(os.path.expanduser(path))
 
 
+def join(folder: str | os.PathLike, *parts: str) -> str:
+    """`folder/part/...` as a string, for local folders and buckets alike."""
+    return os.path.join(resolve(folder), *parts)
+
+
+def path(p: str | os.PathLike) -> epath.Path:
+    """An epath.Path of the resolved path (local or remote)."""
+    return epath.Path(resolve(p))
+
+
+def exists(p: str | os.PathLike) -> bool:
+    return path(p).exists()
+
+
+def isdir(p: str | os.PathLike) -> bool:
+    return path(p).is_dir()
+
+
+def isfile(p: str | os.PathLike) -> bool:
+    return path(p).is_file()
+
+
+def makedirs(p: str | os.PathLike) -> None:
+    """Creates the folder and its parents (nothing to do on a bucket, where folders are names)."""
+    if not is_remote(p):
+        os.makedirs(resolve(p), exist_ok=True)
+
+
+def read_bytes(p: str | os.PathLike) -> bytes:
+    return path(p).read_bytes()
+
+
+def read_text(p: str | os.PathLike) -> str:
+    return path(p).read_text()
+
+
+def glob(folder: str | os.PathLike, pattern: str) -> list[str]:
+    """The files directly in `folder` whose names match `pattern` (no `**`), sorted."""
+    return sorted(os.fspath(p) for p in path(folder).glob(pattern))
+
+
+def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    return fsspec.core.url_to_fs(url)
+
+
+def walk_files(folder: str | os.PathLike) -> list[str]:
+    """Every file under `folder`, recursively (symbolic links followed on disk), sorted."""
+    folder = resolve(folder)
+    if not is_remote(folder):
+        return sorted(os.path.join(root, f) for root, _, names in os.walk(folder, followlinks=True)
+                      for f in names)
+    fs, root = _fs(folder)
+    protocol = folder.split("://", 1)[0]
+    return sorted(f"{protocol}://{key}" for key in fs.find(root))
+
+
+def write_text(p: str | os.PathLike, text: str) -> None:
+    """`text` as the whole file `p`, atomically (see `atomic_write`)."""
+    with atomic_write(p) as f:
+        f.write(text.encode())
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """A binary file that becomes the local `path` only when the block ends without an error:
-    written to a temporary file in the same folder (created if missing), flushed to disk, then
-    renamed onto `path`. A crash leaves the previous `path` (or none), never half a file."""
-    path = resolve(path)
-    folder = os.path.dirname(path)
+def atomic_write(p: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file that becomes `p` only when the block ends without an error.
+
+    Written to a temporary file (in the same folder on disk, else in the system's temporary
+    folder), flushed to disk, then renamed onto a local `p` or uploaded to a remote one. A crash
+    leaves the previous `p` (or none), never half a file."""
+    p = resolve(p)
+    remote = is_remote(p)
+    folder = tempfile.gettempdir() if remote else os.path.dirname(p)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(p) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)                  # mkstemp's 0600 would make the file private
-        os.replace(tmp, path)
-    except BaseException:
+        if remote:
+            upload(tmp, p)
+        else:
+            os.chmod(tmp, 0o644)              # mkstemp's 0600 would make the file private
+            os.replace(tmp, p)
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def upload(local: str, remote: str) -> None:
+    """Copies the local file onto the remote path (the object appears when the copy ends)."""
+    with open(local, "rb") as src, path(remote).open("wb") as dst:
+        shutil.copyfileobj(src, dst, 16 << 20)
+
+
+def stage_dir() -> str:
+    """Where `local_copy` keeps remote files: `$FMBOOST_STAGE_DIR`, else a folder of the user's
+    cache (`$XDG_CACHE_HOME` or `~/.cache`)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.expanduser(os.environ.get(STAGE_ENV) or os.path.join(base, "fmboost_jax", "staged"))
+
+
+def local_copy(p: str | os.PathLike) -> str:
+    """A local path with the contents of `p`: `p` itself when local, else a copy in `stage_dir()`
+    made once per remote path and size (a file of another size is copied again)."""
+    p = resolve(p)
+    if not is_remote(p):
+        return p
+    size = path(p).stat().length
+    name = hashlib.sha256(p.encode()).hexdigest()[:16] + "-" + os.path.basename(p)
+    local = os.path.join(stage_dir(), name)
+    if not (os.path.exists(local) and os.path.getsize(local) == size):
+        os.makedirs(stage_dir(), exist_ok=True)
+        with atomic_write(local) as f, path(p).open("rb") as src:
+            shutil.copyfileobj(src, f, 16 << 20)
+    return local
