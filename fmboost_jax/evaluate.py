@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -80,7 +79,7 @@ def model_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     """The model's config (its workdir's config.json, or --config); FileNotFoundError naming
     --model when it does not exist."""
     from fmboost_jax.inference.upsampler import read_run_config
-    if not os.path.isdir(paths.resolve(args.model)):
+    if not paths.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model!r} does not exist")
     if args.config:
         return config_lib.with_defaults(config_lib.load_config(args.config))
@@ -155,7 +154,7 @@ def fid_setup(args: argparse.Namespace, metrics: tuple[str, ...], config: Any, s
     if num_images < 2:
         raise UserError(f"{', '.join(asked)} need at least 2 images, got {num_images}")
     path = args.inception or bm.default_inception()
-    if not os.path.isdir(paths.resolve(path)):
+    if not paths.isdir(path):
         print(bm.missing_inception(path, asked), file=sys.stderr)
         return {}, {m: f"no Inception weights at {path!r}" for m in asked}
     features = bm.InceptionFeatures(inception.load_inception(path), args.inception_batch)
@@ -255,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = cli.parse_args(build_parser(), argv, OVERRIDE_BLOCKS)
     compile_cache.enable(off=args.no_compile_cache)
     with cli.user_errors_in_one_line():
-        if os.path.isdir(paths.resolve(args.output)):
+        if paths.isdir(args.output):
             raise UserError(f"--output {args.output!r} is a folder; give a file name")
         run(args, overrides)
     return 0

@@ -106,22 +106,19 @@ def write_text(p: str | os.PathLike, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(p: str | os.PathLike) -> Iterator[BinaryIO]:
-    """A binary file that becomes `p` only when the block ends without an error.
-
-    Written to a temporary file (in the same folder on disk, else in the system's temporary
-    folder), flushed to disk, then renamed onto a local `p` or uploaded to a remote one. A crash
-    leaves the previous `p` (or none), never half a file."""
+def atomic_file(p: str | os.PathLike) -> Iterator[str]:
+    """A temporary local file name whose file becomes `p` only when the block ends without an
+    error: in the same folder on disk (renamed onto a local `p`), else in the system's temporary
+    folder (uploaded to a remote `p`). A crash leaves the previous `p` (or none), never half a
+    file. For writers that take a file name (array_record); see `atomic_write` for the others."""
     p = resolve(p)
     remote = is_remote(p)
     folder = tempfile.gettempdir() if remote else os.path.dirname(p)
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(p) + ".", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         if remote:
             upload(tmp, p)
         else:
@@ -130,6 +127,16 @@ def atomic_write(p: str | os.PathLike) -> Iterator[BinaryIO]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_write(p: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file that becomes `p` only when the block ends without an error (`atomic_file`),
+    flushed to disk first."""
+    with atomic_file(p) as tmp, open(tmp, "wb") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def upload(local: str, remote: str) -> None:
@@ -143,6 +150,24 @@ def stage_dir() -> str:
     cache (`$XDG_CACHE_HOME` or `~/.cache`)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.expanduser(os.environ.get(STAGE_ENV) or os.path.join(base, "fmboost_jax", "staged"))
+
+
+def local_tree(folder: str | os.PathLike) -> str:
+    """A local folder with the files under `folder`: `folder` itself when local, else copies in
+    `stage_dir()` (`local_copy` of each file, in the same layout)."""
+    folder = resolve(folder)
+    if not is_remote(folder):
+        return folder
+    local = os.path.join(stage_dir(), hashlib.sha256(folder.encode()).hexdigest()[:16] + "-tree")
+    for f in walk_files(folder):
+        target = os.path.join(local, f[len(folder.rstrip("/")) + 1:])
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        copy = local_copy(f)
+        if not (os.path.exists(target) and os.path.samefile(copy, target)):
+            if os.path.exists(target):
+                os.remove(target)
+            os.link(copy, target)
+    return local
 
 
 def local_copy(p: str | os.PathLike) -> str:

@@ -5,12 +5,10 @@
 See `fmboost_jax/data/precompute.py` for what is written and how a run resumes.
 """
 
-import os
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fmboost_jax import compile_cache
+from fmboost_jax import compile_cache, paths
 from fmboost_jax.cli import config_from_flag, run_app, user_errors_in_one_line
 from fmboost_jax.data.precompute import CHUNK_BATCHES
 from fmboost_jax.parallel import distributed
@@ -39,7 +37,7 @@ def main(argv):
     distributed.initialize(_DISTRIBUTED.value)
     from fmboost_jax.data.precompute import precompute  # after the processes are connected
     with user_errors_in_one_line():
-        precompute(config_from_flag(_CONFIG), os.path.expanduser(_WORKDIR.value), _SPLIT.value,
+        precompute(config_from_flag(_CONFIG), paths.resolve(_WORKDIR.value), _SPLIT.value,
                    _BATCH.value, _CHUNK.value, _STORE_IMAGES.value)
 
 

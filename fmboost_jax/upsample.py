@@ -25,6 +25,7 @@ per image. Grayscale inputs give grayscale PNGs.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import time
@@ -85,8 +86,13 @@ def output_path(src: str, root: str | None, output: str) -> str:
     under `output` with a .png extension."""
     if root is None:
         return output
-    rel = os.path.splitext(os.path.relpath(src, root))[0] + ".png"
-    return os.path.join(output, rel)
+    return paths.join(output, os.path.splitext(relative(src, root))[0] + ".png")
+
+
+def relative(path: str, root: str) -> str:
+    """`path` relative to its folder `root` (local or on a bucket)."""
+    prefix = root.rstrip("/") + "/"
+    return path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
 
 
 def save_png(image: np.ndarray, path: str, gray: bool = False) -> None:
@@ -116,8 +122,7 @@ def _batches(files: Sequence[str], batch_size: int, skipped: list[str], max_pixe
     first, names, images = 0, [], []
     for i, path in enumerate(files):
         try:
-            with open(path, "rb") as f:
-                img = images_lib.to_float(images_lib.decode_rgb(f.read(), path, max_pixels))
+            img = images_lib.to_float(images_lib.decode_rgb(paths.read_bytes(path), path, max_pixels))
         except (OSError, images_lib.BadImage) as err:
             skipped.append(str(err))
             continue
@@ -140,15 +145,15 @@ def read_latents(path: str, channels: int) -> np.ndarray:
     `.safetensors` file; (B, C, h, w) arrays, as PyTorch pipelines give them, are transposed."""
     if path.endswith(".npy"):
         try:
-            z = np.load(path, allow_pickle=False)
+            z = np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False)
         except ValueError as err:
             raise UserError(f"--input {path!r} is not a numeric .npy array: {err}") from None
     else:
         try:
-            from safetensors.numpy import load_file
+            from safetensors.numpy import load
         except ImportError:
             raise UserError("reading .safetensors latents needs `pip install safetensors`") from None
-        tensors = load_file(path)
+        tensors = load(paths.read_bytes(path))
         z = tensors.get("latents", next(iter(tensors.values()), None))
     z = np.asarray(z, np.float32)
     if z.ndim == 3:
@@ -164,11 +169,11 @@ def read_latents(path: str, channels: int) -> np.ndarray:
 def _inputs(input_path: str, output: str) -> tuple[list[str], str | None]:
     """The input files and their root folder (None for a single file)."""
     src = paths.resolve(input_path)
-    if os.path.isdir(src):
+    if paths.isdir(src):
         return list_images(src), src
-    if not os.path.isfile(src):
+    if not paths.isfile(src):
         raise FileNotFoundError(f"--input {input_path!r} does not exist")
-    if os.path.isdir(output):
+    if paths.isdir(output):
         raise FileNotFoundError(f"--output {output!r} is a folder; give a file name for a file input")
     return [src], None
 
@@ -183,10 +188,9 @@ def run(args: argparse.Namespace, overrides: dict[str, dict[str, str]]) -> dict[
     files, root = _inputs(args.input, args.output)            # bad inputs: before any work
     max_pixels = args.max_pixels or MAX_PIXELS
     if root is None:
-        with open(files[0], "rb") as f:
-            images_lib.decode_rgb(f.read(), args.input, max_pixels)   # BadImage: one line
+        images_lib.decode_rgb(paths.read_bytes(files[0]), args.input, max_pixels)  # BadImage
     dst = {f: output_path(f, root, args.output) for f in files}
-    existing = sum(os.path.exists(d) for d in dst.values())
+    existing = sum(paths.exists(d) for d in dst.values())
     model = load_model(args)
     sampler = sampler_options(model, args, overrides)
     skipped: list[str] = []
@@ -194,7 +198,7 @@ def run(args: argparse.Namespace, overrides: dict[str, dict[str, str]]) -> dict[
     bar = tqdm(total=len(files), desc="upsample", unit="img", dynamic_ncols=True)
     for first, names, lowres in _batches(files, args.batch_size, skipped, max_pixels):
         bar.update(len(names))
-        missing = [j for j, name in enumerate(names) if not os.path.exists(dst[name])]
+        missing = [j for j, name in enumerate(names) if not paths.exists(dst[name])]
         if not missing:
             continue
         try:
@@ -208,7 +212,7 @@ def run(args: argparse.Namespace, overrides: dict[str, dict[str, str]]) -> dict[
         out = _boost(model, lowres, _key(args.seed, first), sampler)
         panels = _panels(lowres, (h, w), out.images, truth)
         if truth is not None:
-            shown = [os.path.relpath(n, root) if root else args.input for n in names]
+            shown = [relative(n, root) if root else args.input for n in names]
             scores.add(shown, truth, **{k: images_lib.to_float(panels[k])    # as written
                                         for k in ("CFM", "bicubic")})
         _write(panels, [(j, dst[names[j]]) for j in missing], lowres, args.compare)
@@ -322,19 +326,19 @@ def boost_latents(args: argparse.Namespace, overrides: dict[str, dict[str, str]]
     """Latents of a `.npy`/`.safetensors` file -> `--output/NAME_0000.png`, ... (existing ones
     kept; a batch's noise comes from the index of its first row, as for images)."""
     src = paths.resolve(args.input)
-    if not os.path.isfile(src):
+    if not paths.isfile(src):
         raise FileNotFoundError(f"--input {args.input!r} does not exist")
     model = load_model(args)
     sampler = sampler_options(model, args, overrides)
     first = model.stages[0] if hasattr(model, "stages") else model
     z = read_latents(src, first.cfm.first_stage.latent_channels)
     stem = os.path.splitext(os.path.basename(src))[0]
-    dst = [os.path.join(args.output, f"{stem}_{i:04d}.png") for i in range(len(z))]
-    existing = sum(os.path.exists(d) for d in dst)
+    dst = [paths.join(args.output, f"{stem}_{i:04d}.png") for i in range(len(z))]
+    existing = sum(paths.exists(d) for d in dst)
     written = 0
     for lo in tqdm(range(0, len(z), args.batch_size), desc="upsample", unit="batch"):
         rows = range(lo, min(lo + args.batch_size, len(z)))
-        missing = [i for i in rows if not os.path.exists(dst[i])]
+        missing = [i for i in rows if not paths.exists(dst[i])]
         if not missing:
             continue
         out = _boost(model, z[rows.start:rows.stop], _key(args.seed, lo), sampler, latents=True)

@@ -28,6 +28,7 @@ import grain
 import numpy as np
 from absl import logging
 
+from fmboost_jax import paths
 from fmboost_jax.data import images as images_lib
 from fmboost_jax.data import photos, sources
 from fmboost_jax.errors import ConfigError, check_one_of, check_range
@@ -319,7 +320,7 @@ def _latent_eval_items(d: Any, size: int) -> tuple[int, Any, str]:
     warning: they are training images) the images stored in the last records."""
     held_out = sources.latent_eval_file(d.path)
     if held_out is not None:
-        stored = np.load(held_out, mmap_mode="r")
+        stored = np.load(paths.local_copy(held_out), mmap_mode="r")
         return len(stored), lambda i: images_lib.center_crop(np.asarray(stored[i]), size), held_out
     recs = sources.LatentRecordSource(d.path)
     picked = min(len(recs), d.num_eval_images)

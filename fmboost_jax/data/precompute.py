@@ -30,9 +30,8 @@ when it finished. A progress bar shows images/s; the log line at the end gives t
 from __future__ import annotations
 
 import dataclasses
-import glob
+import io
 import json
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -46,7 +45,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from fmboost_jax import config as config_lib
-from fmboost_jax import first_stage
+from fmboost_jax import first_stage, paths
 from fmboost_jax.cfm import model as cfm_model
 from fmboost_jax.cfm.model import CFM
 from fmboost_jax.cfm.upsampling import resize
@@ -59,11 +58,11 @@ from fmboost_jax.parallel import sharding as sharding_lib
 
 
 def chunk_path(workdir: str, process: int, count: int, chunk: int) -> str:
-    return os.path.join(workdir, f"latents-p{process:06d}-of-{count:06d}-c{chunk:05d}.array_record")
+    return paths.join(workdir, f"latents-p{process:06d}-of-{count:06d}-c{chunk:05d}.array_record")
 
 
 def done_path(workdir: str, process: int, count: int) -> str:
-    return os.path.join(workdir, f"done-p{process:06d}-of-{count:06d}.json")
+    return paths.join(workdir, f"done-p{process:06d}-of-{count:06d}.json")
 
 
 INFO_FILE, EVAL_FILE = sources.LATENT_INFO_FILE, sources.LATENT_EVAL_FILE
@@ -115,13 +114,11 @@ def _local(x: jax.Array) -> np.ndarray:
 
 def _check_layout(workdir: str, info: dict[str, Any]) -> None:
     """Refuses to resume into records written with another layout (they would mix shards)."""
-    path = os.path.join(workdir, INFO_FILE)
-    if not os.path.exists(path):
+    old = sources.latent_records_info(workdir)
+    if old is None:
         return
-    with open(path) as f:
-        old = json.load(f)
     changed = [k for k in LAYOUT_FIELDS if old.get(k) != info[k]]
-    if changed and glob.glob(os.path.join(workdir, "latents-*.array_record")):
+    if changed and paths.glob(workdir, sources.LATENT_GLOB):
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {info[k]!r}" for k in changed)
         raise UserError(f"--workdir {workdir!r} holds latent records written with another "
                          f"layout ({diff}); rerun with the same settings to resume, or write to a "
@@ -138,9 +135,10 @@ def write_eval_images(config, workdir: str) -> None:
     except (ValueError, FileNotFoundError) as err:
         logging.warning("No held-out images written: %s", err)
         return
-    tmp = os.path.join(workdir, EVAL_FILE + ".tmp.npy")
-    np.save(tmp, images_lib.to_uint8(images))
-    os.replace(tmp, os.path.join(workdir, EVAL_FILE))
+    buffer = io.BytesIO()
+    np.save(buffer, images_lib.to_uint8(images))
+    with paths.atomic_write(paths.join(workdir, EVAL_FILE)) as f:
+        f.write(buffer.getvalue())
 
 
 @dataclasses.dataclass
@@ -202,10 +200,19 @@ def _check(config, batch_size: int, mesh) -> None:
 
 def _write_chunk(path: str, shard: Shard, chunk: int, chunk_batches: int, encode, fs_params,
                  mesh, store_images: bool, bar) -> tuple[int, int]:
-    """Encodes one chunk into `path` (written as `path.tmp`, renamed when complete);
-    returns (written, skipped)."""
-    tmp = path + ".tmp"
-    writer = ArrayRecordWriter(tmp, "group_size:1")
+    """Encodes one chunk into `path` (a local file, renamed or uploaded when complete:
+    `paths.atomic_file`); returns (written, skipped)."""
+    with paths.atomic_file(path) as tmp:
+        writer = ArrayRecordWriter(tmp, "group_size:1")
+        try:
+            return _encode_chunk(writer, shard, chunk, chunk_batches, encode, fs_params, mesh,
+                                 store_images, bar)
+        finally:
+            writer.close()
+
+
+def _encode_chunk(writer, shard: Shard, chunk: int, chunk_batches: int, encode, fs_params,
+                  mesh, store_images: bool, bar) -> tuple[int, int]:
     written = skipped = 0
     pending = None        # (device outputs, rows, images): written while the next batch encodes
 
@@ -230,8 +237,6 @@ def _write_chunk(path: str, shard: Shard, chunk: int, chunk_batches: int, encode
         bar.set_postfix(skipped=skipped)
     if pending is not None:
         written += flush(pending)
-    writer.close()
-    os.replace(tmp, path)
     return written, skipped
 
 
@@ -249,12 +254,11 @@ def precompute(config, workdir: str, split: str = "train", batch_size: int = 0,
     src = data_pipeline.image_source(config, train=split == "train")
     per_process = batch_size // nproc
     info = _layout(config, src, split, nproc, per_process * chunk_batches, store_images)
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     _check_layout(workdir, info)
     if pid == 0:
-        with open(os.path.join(workdir, INFO_FILE), "w") as f:
-            json.dump(info, f, indent=2)
-        if split == "train" and not os.path.exists(os.path.join(workdir, EVAL_FILE)):
+        paths.write_text(paths.join(workdir, INFO_FILE), json.dumps(info, indent=2))
+        if split == "train" and not paths.exists(paths.join(workdir, EVAL_FILE)):
             write_eval_images(config, workdir)
     fs_params = sharding_lib.put_replicated(cfm.first_stage.init_params(jax.random.PRNGKey(0)),
                                             mesh)
@@ -272,7 +276,7 @@ def precompute(config, workdir: str, split: str = "train", batch_size: int = 0,
     for chunk in range(shard.num_chunks):
         path = chunk_path(workdir, pid, nproc, chunk)
         # The encoding steps are collective: skip a chunk only when every process has it.
-        have = np.array(os.path.exists(path))
+        have = np.array(paths.exists(path))
         if (multihost_utils.process_allgather(have).all() if nproc > 1 else bool(have)):
             bar.update(max(0, min(shard.per_chunk, len(mine) - chunk * shard.per_chunk)))
             continue
@@ -283,7 +287,6 @@ def precompute(config, workdir: str, split: str = "train", batch_size: int = 0,
     seconds = time.perf_counter() - start
     result = {"process": pid, "devices": mesh.size, "written": written, "skipped": skipped,
               "seconds": seconds, "images_per_sec": written / max(seconds, 1e-9)}
-    with open(done_path(workdir, pid, nproc), "w") as f:
-        json.dump(result, f)
+    paths.write_text(done_path(workdir, pid, nproc), json.dumps(result))
     logging.info("precompute: %s", json.dumps(result))
     return result

@@ -11,7 +11,6 @@ so that a bad file is skipped there instead of failing the read.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from collections.abc import Sequence
@@ -27,11 +26,11 @@ from fmboost_jax.errors import UserError
 
 def list_images(folder: str, extensions: tuple[str, ...] = EXTENSIONS) -> list[str]:
     """Image files under `folder` (recursively, by extension, case-insensitive), sorted."""
-    folder = os.path.expanduser(folder)
-    if not os.path.isdir(folder):
+    folder = paths.resolve(folder)
+    if not paths.isdir(folder):
         raise FileNotFoundError(f"config.data.path: image folder {folder!r} does not exist")
-    files = [os.path.join(root, f) for root, _, names in os.walk(folder, followlinks=True)
-             for f in names if f.lower().endswith(extensions) and not f.startswith(".")]
+    files = [f for f in paths.walk_files(folder)
+             if f.lower().endswith(extensions) and not os.path.basename(f).startswith(".")]
     if not files:
         raise FileNotFoundError(f"config.data.path: no image files ({', '.join(extensions)}) "
                                 f"under {folder!r}")
@@ -39,7 +38,7 @@ def list_images(folder: str, extensions: tuple[str, ...] = EXTENSIONS) -> list[s
 
 
 class FolderSource:
-    """Image files of a folder (or an explicit list of files)."""
+    """Image files of a folder (or an explicit list of files), local or on a bucket."""
 
     def __init__(self, files: Sequence[str]):
         self.files = list(files)
@@ -50,15 +49,14 @@ class FolderSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.files[index]
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = paths.read_bytes(path)
         except OSError as err:     # unreadable: the decoder reports it with the path
             data = f"unreadable: {err}".encode()
         return {"bytes": data, "path": path}
 
 
 def tfds_dir(data_dir: str, name: str) -> str:
-    return os.path.join(paths.resolve(data_dir), name)
+    return paths.join(data_dir, name)
 
 
 class TfdsSource:
@@ -66,8 +64,7 @@ class TfdsSource:
 
     def __init__(self, name: str, data_dir: str, split: str):
         import tensorflow_datasets as tfds
-        from etils import epath
-        root = epath.Path(tfds_dir(data_dir, name))
+        root = paths.path(tfds_dir(data_dir, name))
         versions = sorted(p for p in root.glob("*.*.*") if (p / "dataset_info.json").exists()) \
             if root.exists() else []
         if not versions:
@@ -75,7 +72,8 @@ class TfdsSource:
                 f"config.data.path/tfds_name: no prepared TFDS dataset at {root} (make it with "
                 f"`python -m fmboost_jax.data.prepare --dataset={name} --manual_dir=... "
                 f"--data_dir={data_dir}`)")
-        builder = tfds.builder_from_directory(os.fspath(versions[-1]))
+        # array_record reads local files only: a dataset on a bucket is read from a copy.
+        builder = tfds.builder_from_directory(paths.local_tree(os.fspath(versions[-1])))
         if split not in builder.info.splits:
             raise UserError(f"config.data: TFDS dataset {name!r} has no split {split!r} "
                              f"(splits: {sorted(builder.info.splits)})")
@@ -119,8 +117,7 @@ def decode_latent_record(data: bytes) -> dict[str, np.ndarray]:
 
 
 def latent_files(folder: str) -> list[str]:
-    folder = os.path.expanduser(folder)
-    files = sorted(glob.glob(os.path.join(folder, LATENT_GLOB)))
+    files = paths.glob(folder, LATENT_GLOB)
     if not files:
         raise FileNotFoundError(f"config.data.path: no latent records ({LATENT_GLOB}) in "
                                 f"{folder!r}; make them with `python -m fmboost_jax.precompute_latents`")
@@ -129,27 +126,23 @@ def latent_files(folder: str) -> list[str]:
 
 def latent_eval_file(folder: str) -> str | None:
     """The held-out images precompute_latents wrote next to the records, if any."""
-    path = os.path.join(os.path.expanduser(folder), LATENT_EVAL_FILE)
-    return path if os.path.exists(path) else None
+    path = paths.join(folder, LATENT_EVAL_FILE)
+    return path if paths.exists(path) else None
 
 
 def latent_records_info(folder: str) -> dict[str, Any] | None:
     """`latents_info.json` of precompute_latents (the layout and settings), if present."""
-    path = os.path.join(os.path.expanduser(folder), LATENT_INFO_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    path = paths.join(folder, LATENT_INFO_FILE)
+    return json.loads(paths.read_text(path)) if paths.exists(path) else None
 
 
 def latent_records_incomplete(folder: str) -> str:
     """'' when every process of the precompute run has finished, else what is missing."""
-    folder = os.path.expanduser(folder)
     info = latent_records_info(folder)
     if info is None:
         return ""
     n = info["processes"]
-    done = glob.glob(os.path.join(folder, f"done-p*-of-{n:06d}.json"))
+    done = paths.glob(folder, f"done-p*-of-{n:06d}.json")
     if len(done) == n:
         return ""
     return (f"the latent records in {folder!r} are incomplete ({len(done)} of {n} processes "
@@ -159,12 +152,15 @@ def latent_records_incomplete(folder: str) -> str:
 
 class LatentRecordSource:
     """Records with the VAE moments of a high-res image (`mean`, `logvar`) and of its PSU input
-    (`mean_lowres`, `logvar_lowres`), unscaled (B, h, w, C) float32 each; optionally `image`."""
+    (`mean_lowres`, `logvar_lowres`), unscaled (B, h, w, C) float32 each; optionally `image`.
+    Records on a bucket are read from copies on this host's disk (`paths.local_copy`: array_record
+    reads local files only), made once."""
 
     def __init__(self, folder: str):
         import grain
         self.folder, self.files = folder, latent_files(folder)
-        self.source = grain.sources.ArrayRecordDataSource(self.files)
+        local = [paths.local_copy(f) for f in self.files]
+        self.source = grain.sources.ArrayRecordDataSource(local)
 
     def __len__(self) -> int:
         return len(self.source)

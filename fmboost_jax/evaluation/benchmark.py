@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from etils import epath
 
 from fmboost_jax import paths
 from fmboost_jax.cfm.upsampling import resize
@@ -129,7 +128,7 @@ def check_resources(config: Any) -> None:
     the weights it names are missing."""
     e = config.eval
     asked = any(m in FID_METRICS for m in eval_names(config, "metrics"))
-    if asked and e.inception and not epath.Path(paths.resolve(e.inception)).exists():
+    if asked and e.inception and not paths.exists(e.inception):
         raise ConfigError("eval.inception", f"{e.inception!r} does not exist: fid, kid and pfid "
                           f"need the Inception weights; make them with "
                           f"{convert_command(e.inception)}")

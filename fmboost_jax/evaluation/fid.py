@@ -77,7 +77,7 @@ def load_npz(path: str | os.PathLike) -> GaussianStats:
     """Reads `mu` (D,) and `sigma` (D, D) from a `.npz` file; ValueError naming the file and the
     key when one is missing or has the wrong shape."""
     path = os.fspath(path)
-    f = np.load(path, allow_pickle=False)
+    f = np.load(paths.local_copy(path), allow_pickle=False)
     if not isinstance(f, np.lib.npyio.NpzFile):
         raise UserError(f"{path}: not an .npz archive with keys 'mu' and 'sigma'")
     with f:

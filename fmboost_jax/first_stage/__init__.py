@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import jax
-from etils import epath
 
 from fmboost_jax import config as config_lib
 from fmboost_jax import paths
@@ -104,7 +103,7 @@ def check_checkpoint(config: Any) -> None:
     saying how to make one otherwise."""
     fs = config.first_stage
     if fs.name != "identity" and fs.checkpoint != RANDOM_WEIGHTS:
-        if not epath.Path(paths.resolve(fs.checkpoint)).exists():
+        if not paths.exists(fs.checkpoint):
             raise ConfigError("first_stage.checkpoint", missing_checkpoint_message(fs.checkpoint))
 
 

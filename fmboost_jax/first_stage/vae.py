@@ -110,8 +110,7 @@ def missing_checkpoint_message(path: str) -> str:
 def load_autoencoder_params(path: str, model: autoencoder.AutoencoderKL) -> PyTree:
     """Params of `model` from an Orbax directory written by `convert vae`."""
     import orbax.checkpoint as ocp
-    from etils import epath
-    if not epath.Path(paths.resolve(path)).exists():
+    if not paths.exists(path):
         raise FileNotFoundError("config.first_stage.checkpoint: " + missing_checkpoint_message(path))
     target = autoencoder.param_shapes(model)
     try:

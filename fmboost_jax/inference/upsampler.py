@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
@@ -234,11 +233,10 @@ def _split_over_local_devices(x: jax.Array, rows: int = 1) -> jax.Array:
 # ------------------------------------------------------------------------ loading
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a training run wrote to its workdir (`config.json`)."""
-    path = os.path.join(paths.resolve(workdir), store.CONFIG_FILE)
-    if not os.path.exists(path):
+    path = paths.join(workdir, store.CONFIG_FILE)
+    if not paths.exists(path):
         raise FileNotFoundError(f"{workdir!r} is not a training workdir: it has no {store.CONFIG_FILE}")
-    with open(path) as f:
-        return config_lib.with_defaults(ml_collections.ConfigDict(json.load(f)))
+    return config_lib.with_defaults(ml_collections.ConfigDict(json.loads(paths.read_text(path))))
 
 
 def _params(path: str, is_workdir: bool, cfm: CFM, step: int | None
@@ -267,9 +265,9 @@ def load_upsampler(path: str, config: Any = None, *, vae: str | None = None,
     turned off), so that a new session compiles the boost of a known shape in seconds.
     """
     compile_cache.enable()
-    if not os.path.isdir(paths.resolve(path)):
+    if not paths.isdir(path):
         raise FileNotFoundError(f"model {path!r} does not exist")
-    is_workdir = os.path.exists(os.path.join(paths.resolve(path), store.CONFIG_FILE))
+    is_workdir = paths.exists(paths.join(path, store.CONFIG_FILE))
     if config is None:
         if not is_workdir:
             raise UserError(f"{path!r} is not a training workdir (no {store.CONFIG_FILE}): pass the "

@@ -300,8 +300,7 @@ def missing_checkpoint_message(path: str) -> str:
 def load_inception(path: str) -> Variables:
     """`{"params", "batch_stats"}` from an Orbax directory written by `convert inception`."""
     import orbax.checkpoint as ocp
-    from etils import epath
-    if not path or not epath.Path(paths.resolve(path)).exists():
+    if not path or not paths.exists(path):
         raise FileNotFoundError("Inception checkpoint " + missing_checkpoint_message(path))
     try:
         return dict(ocp.StandardCheckpointer().restore(paths.resolve(path), variable_shapes()))

@@ -15,10 +15,10 @@ from typing import Any
 import jax
 import ml_collections
 from absl import logging
-from etils import epath
 from PIL import Image
 from tqdm.auto import tqdm
 
+from fmboost_jax import paths
 from fmboost_jax.cfm import sampling
 from fmboost_jax.checkpoints import store
 from fmboost_jax.parallel import sharding as sharding_lib
@@ -43,9 +43,7 @@ def evaluate(run: Run, writer: MetricWriter, workdir: str, step: int) -> dict[st
     writer.write(step, {f"eval/{k}": v for k, v in results.items()})
     writer.write_image(step, "eval/samples", grid)
     if jax.process_index() == 0:
-        samples = epath.Path(workdir) / "samples"
-        samples.mkdir(parents=True, exist_ok=True)
-        with (samples / f"step_{step:07d}.png").open("wb") as f:
+        with paths.atomic_write(paths.join(workdir, "samples", f"step_{step:07d}.png")) as f:
             Image.fromarray(grid).save(f, format="PNG")
     logging.info("eval step %d: %s", step, json.dumps(results))
     return results
@@ -61,8 +59,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     startup_checks(config)
     run = build_run(config, workdir)   # refuses a checkpoint of another state, touching nothing
     if jax.process_index() == 0:       # the config of the state it restored or started
-        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-        (epath.Path(workdir) / store.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+        paths.write_text(paths.join(workdir, store.CONFIG_FILE), config.to_json_best_effort(indent=2))
     writer = MetricWriter(workdir, config)
     c, total, start = config, config.total_steps, int(run.state.step)
     watcher = PreemptionWatcher()
@@ -130,5 +127,5 @@ def finish(run: Run, writer: MetricWriter, workdir: str, results: dict | None) -
     final = {"step": step, "num_eval_images": run.evaluator.num_images,
              "eval_size": run.evaluator.size, "sampler": dict(run.config.sampling), **results}
     if jax.process_index() == 0:
-        (epath.Path(workdir) / "eval.json").write_text(json.dumps(final, indent=2))
+        paths.write_text(paths.join(workdir, "eval.json"), json.dumps(final, indent=2))
     return final

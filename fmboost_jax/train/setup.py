@@ -18,10 +18,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
-from etils import epath
 
 from fmboost_jax import config as config_lib
-from fmboost_jax import first_stage
+from fmboost_jax import first_stage, paths
 from fmboost_jax.cfm import model as cfm_model
 from fmboost_jax.cfm import sampling
 from fmboost_jax.cfm.model import CFM
@@ -131,9 +130,9 @@ def check_resumable(config: ml_collections.ConfigDict, mngr: Any, workdir: str,
         return
     if not differences:
         return
-    run_config = epath.Path(workdir) / store.CONFIG_FILE
-    changed = (config_lib.differences(json.loads(run_config.read_text()), config)
-               if run_config.exists() else [])
+    run_config = paths.join(workdir, store.CONFIG_FILE)
+    changed = (config_lib.differences(json.loads(paths.read_text(run_config)), config)
+               if paths.exists(run_config) else [])
     fields = ", ".join(changed[:8]) + (", ..." if len(changed) > 8 else "")
     raise UserError(
         f"--workdir {workdir} holds checkpoints (step {step}) of another network or optimizer "
