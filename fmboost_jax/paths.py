@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -28,6 +29,28 @@ from etils import epath
 
 for _protocol in ("gs", "gcs"):            # before the first gcsfs instance is made
     fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
+
+
+class _Once(logging.Filter):
+    """Lets a warning that starts with one of `prefixes` through once per process: gcsfs repeats
+    "Could not determine bucket type" on every listing where the storage-layout API is out of
+    reach (no default credentials, an emulator), thousands of lines in a run."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes, self.seen = prefixes, set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        prefix = next((p for p in self.prefixes if message.startswith(p)), None)
+        if prefix is None:
+            return True
+        first = prefix not in self.seen
+        self.seen.add(prefix)
+        return first
+
+
+logging.getLogger("gcsfs").addFilter(_Once("Could not determine bucket type", "Error: Bucket"))
 
 STAGE_ENV = "FMBOOST_STAGE_DIR"            # where remote files are copied for local readers
 

@@ -88,3 +88,22 @@ def reference(tmp_path_factory):
         assert steps(workdir)[-1] == TOTAL, out[-3000:]
     workdir = support.made_once(tmp_path_factory, "reference", train)
     return restore_params(workdir, use_ema=False), restore_params(workdir)
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A GCS server on loopback for this worker (`gcs_server.py`); this process and the commands
+    the tests start reach `gs://` there, never a real bucket, and stage copies of remote files
+    in a temporary folder."""
+    import gcs_server
+    server = gcs_server.start()
+    os.environ.update(server.environ(), FMBOOST_STAGE_DIR=str(tmp_path_factory.mktemp("staged")))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server):
+    """`gs://NAME` of a new, empty bucket of the loopback server."""
+    return f"gs://{gcs_server.new_bucket()}"
+

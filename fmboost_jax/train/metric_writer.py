@@ -1,13 +1,16 @@
 """Metric logging: one JSON object per line in `workdir/metrics.jsonl` plus TensorBoard
 event files (tensorboardX, no TensorFlow needed) and, when `config.wandb.project` is set, a
 Weights & Biases run (`wandb_logging.py`). Only process 0 writes. `workdir` may be a local path
-or a bucket (`gs://...`): a bucket has no append, so there `metrics.jsonl` is read at the start
-and rewritten whole (one upload) at each write; a resumed run keeps the rows before it."""
+or a bucket (`gs://...`). A bucket has no append: there `metrics.jsonl` is read at the start and
+uploaded whole at each write (a resumed run keeps the rows before it), and the TensorBoard event
+files are written to a local folder and uploaded whole at each write (a new file per start)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,22 +29,25 @@ class MetricWriter:
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict | None = None):
         self.active = jax.process_index() == 0
-        self._jsonl = None
-        self._rows: list[str] | None = None    # on a bucket: the whole file, rewritten per write
-        self._tb = None
-        self._wandb = None
-        if self.active:
-            paths.makedirs(workdir)
-            if wandb_logging.enabled(config):      # first: its errors leave no file open
-                self._wandb = wandb_logging.WandbLogger(config, workdir)
-            self._path = paths.join(workdir, METRICS_FILE)
-            if paths.is_remote(workdir):
-                old = paths.read_text(self._path) if paths.exists(self._path) else ""
-                self._rows = old.splitlines(keepends=True)
-            else:
-                self._jsonl = open(self._path, "a")
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.remote = paths.is_remote(workdir)
+        self._jsonl = self._tb = self._wandb = None
+        self._rows: list[str] = []             # on a bucket: the whole file, uploaded per write
+        if not self.active:
+            return
+        paths.makedirs(workdir)
+        if wandb_logging.enabled(config):      # first: its errors leave no file open
+            self._wandb = wandb_logging.WandbLogger(config, workdir)
+        self._path = paths.join(workdir, METRICS_FILE)
+        self._tb_dir = paths.join(workdir, "tensorboard")
+        if self.remote:
+            if paths.exists(self._path):
+                self._rows = paths.read_text(self._path).splitlines(keepends=True)
+            self._tb_local = tempfile.mkdtemp(prefix="fmboost-tensorboard-")
+        else:
+            self._jsonl = open(self._path, "a")
+            self._tb_local = self._tb_dir
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(self._tb_local)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Appends `{"step": step, **metrics}` as a JSON line, TensorBoard and W&B scalars."""
@@ -49,17 +55,17 @@ class MetricWriter:
             return
         row = {"step": int(step)}
         row.update({k: float(np.asarray(v)) for k, v in metrics.items()})
-        if self._rows is None:
+        if self.remote:
+            self._rows.append(json.dumps(row) + "\n")
+        else:
             self._jsonl.write(json.dumps(row) + "\n")
             self._jsonl.flush()
-        else:
-            self._rows.append(json.dumps(row) + "\n")
-            paths.write_text(self._path, "".join(self._rows))
         for k, v in row.items():
             if k != "step":
                 self._tb.add_scalar(k, v, global_step=int(step))
         if self._wandb is not None:
             self._wandb.log(step, {k: v for k, v in row.items() if k != "step"})
+        self._upload()
 
     def write_image(self, step: int, name: str, image: np.ndarray) -> None:
         """An (H, W, 3) uint8 image to TensorBoard (and W&B)."""
@@ -67,11 +73,24 @@ class MetricWriter:
             self._tb.add_image(name, image, global_step=int(step), dataformats="HWC")
             if self._wandb is not None:
                 self._wandb.image(step, name, image)
+            self._upload()
+
+    def _upload(self) -> None:
+        """On a bucket: `metrics.jsonl` and the event files, each uploaded whole."""
+        if not self.remote:
+            return
+        paths.write_text(self._path, "".join(self._rows))
+        self._tb.flush()
+        for name in os.listdir(self._tb_local):
+            paths.upload(os.path.join(self._tb_local, name), paths.join(self._tb_dir, name))
 
     def close(self) -> None:
         if self.active:
             if self._jsonl is not None:
                 self._jsonl.close()
             self._tb.close()
+            self._upload()
+            if self.remote:
+                shutil.rmtree(self._tb_local, ignore_errors=True)
             if self._wandb is not None:
                 self._wandb.close()

@@ -1,5 +1,5 @@
-"""Tests of fmboost_jax/data/precompute.py: latents precomputed on two devices, resumed, and
-read by the trainer."""
+"""Tests of fmboost_jax/data/precompute.py: latents precomputed on two devices into a bucket (a
+GCS server on loopback), resumed, and read by the trainer from there."""
 
 import json
 import os
@@ -11,6 +11,7 @@ import pytest
 from photo_folder import lhq_smoke_config
 from support import ROOT, devices_env
 
+from fmboost_jax import paths
 from fmboost_jax.data import images as images_lib
 from fmboost_jax.data import pipeline, sources
 
@@ -20,11 +21,12 @@ from absl import flags
 flags.FLAGS.mark_as_parsed()
 sys.path.insert(0, "tests")
 import photo_folder
+from fmboost_jax import paths
 from fmboost_jax.data.precompute import precompute
 config, out = photo_folder.lhq_smoke_config(sys.argv[1]), sys.argv[2]
 first = precompute(config, out, batch_size=2, chunk_batches=2)
-os.remove(os.path.join(out, "latents-p000000-of-000001-c00001.array_record"))
-os.remove(os.path.join(out, "done-p000000-of-000001.json"))
+for name in ("latents-p000000-of-000001-c00001.array_record", "done-p000000-of-000001.json"):
+    paths.path(paths.join(out, name)).unlink()
 second = precompute(config, out, batch_size=2, chunk_batches=2)
 print(json.dumps([first, second]))
 """
@@ -32,7 +34,7 @@ print(json.dumps([first, second]))
 
 @pytest.mark.slow
 def test_latents_precomputed_on_two_devices_match_the_vae_resume_and_train_a_few_steps(
-        photo_folder, tmp_path, caplog):
+        photo_folder, gcs_bucket, tmp_path, caplog):
     import subprocess
     import sys
 
@@ -40,7 +42,7 @@ def test_latents_precomputed_on_two_devices_match_the_vae_resume_and_train_a_few
     from fmboost_jax.cfm.upsampling import resize
     from fmboost_jax.data.precompute import precompute
     from fmboost_jax.train.loop import train_and_evaluate
-    out = tmp_path / "latents"
+    out = f"{gcs_bucket}/latents"
     proc = subprocess.run(
         [sys.executable, "-c", PRECOMPUTE_TWICE, str(photo_folder), str(out)], cwd=ROOT,
         env=devices_env(2),
@@ -53,11 +55,11 @@ def test_latents_precomputed_on_two_devices_match_the_vae_resume_and_train_a_few
     for name in ("fake.jpg", "truncated.png", "tiny.png"):
         assert name in proc.stderr
     assert second["written"] + second["skipped"] == 4      # only the deleted chunk again
-    assert len([f for f in os.listdir(out) if f.endswith(".array_record")]) == 3
+    assert len(paths.glob(out, "*.array_record")) == 3 and not os.path.exists(ROOT + "/gs:")
 
     # The records hold the VAE moments of the image and of its PSU input, computed unsharded.
     config = lhq_smoke_config(photo_folder)
-    recs = sources.LatentRecordSource(str(out))
+    recs = sources.LatentRecordSource(out)                 # staged on the local disk
     assert len(recs) == 9 and "image" not in recs[0]
     fs = CFM.from_config(config).first_stage
     params = fs.init_params(jax.random.PRNGKey(0))
@@ -76,13 +78,13 @@ def test_latents_precomputed_on_two_devices_match_the_vae_resume_and_train_a_few
 
     # Resuming with another layout would mix shards: refused, naming what changed.
     with pytest.raises(ValueError, match="images_per_chunk: 4 -> 8"):
-        precompute(config, str(out), batch_size=4, chunk_batches=2)
+        precompute(config, out, batch_size=4, chunk_batches=2)
 
     # Training evaluates on the held-out images written next to the records.
     latents = config.copy_and_resolve_references()
-    latents.data.update(name="latents", path=str(out))
+    latents.data.update(name="latents", path=out)
     np.testing.assert_array_equal(pipeline.eval_images(latents), pipeline.eval_images(config))
-    os.remove(out / "done-p000000-of-000001.json")
+    paths.path(f"{out}/done-p000000-of-000001.json").unlink()
     pipeline.check_data(latents)
     other = latents.copy_and_resolve_references()
     other.low_res_size = 16                    # the PSU latents depend on it
@@ -91,5 +93,5 @@ def test_latents_precomputed_on_two_devices_match_the_vae_resume_and_train_a_few
     assert "incomplete (0 of 1 processes finished)" in caplog.text
     batch = next(pipeline.create_train_iterator(latents))
     assert batch["latent"].shape == batch["latent_lowres"].shape == (4, 8, 8, 4)
-    final = train_and_evaluate(latents, str(tmp_path / "run"))
+    final = train_and_evaluate(latents, f"{gcs_bucket}/run")
     assert final["step"] == 3 and np.isfinite(final["cfm/psnr"])
