@@ -7,7 +7,7 @@ buckets through tensorstore on their own. What a bucket guarantees differs from 
   rename on a bucket: a copy and a delete);
 - there is no append: a file that grows (`metrics.jsonl`) is rewritten whole;
 - libraries that open files themselves (array_record) need a local copy: `local_copy` stages a
-  remote file on this host's disk once.
+  remote file on this host's disk once (`$FMBOOST_STAGE_DIR`, default `~/.cache/fmboost_jax/staged`).
 
 Directory listings are not cached (gcsfs caches them by default), so files that other processes
 or tensorstore wrote are seen at once.
@@ -195,15 +195,16 @@ def local_tree(folder: str | os.PathLike) -> str:
 
 def local_copy(p: str | os.PathLike) -> str:
     """A local path with the contents of `p`: `p` itself when local, else a copy in `stage_dir()`
-    made once per remote path and size (a file of another size is copied again)."""
+    made once per remote path and version (a changed file, by the store's metadata, is copied
+    again)."""
     p = resolve(p)
     if not is_remote(p):
         return p
-    size = path(p).stat().length
-    name = hashlib.sha256(p.encode()).hexdigest()[:16] + "-" + os.path.basename(p)
-    local = os.path.join(stage_dir(), name)
-    if not (os.path.exists(local) and os.path.getsize(local) == size):
-        os.makedirs(stage_dir(), exist_ok=True)
+    fs, key = _fs(p)
+    info = fs.info(key)                   # size, generation, checksum...: any change shows
+    key = hashlib.sha256(f"{p} {sorted(info.items())}".encode()).hexdigest()[:16]
+    local = os.path.join(stage_dir(), f"{key}-{os.path.basename(p)}")
+    if not os.path.exists(local):
         with atomic_write(local) as f, path(p).open("rb") as src:
             shutil.copyfileobj(src, f, 16 << 20)
     return local

@@ -26,3 +26,32 @@ def test_atomic_write_replaces_a_file_only_when_the_block_succeeds(tmp_path):
         raise RuntimeError("crash mid-write")
     assert target.read_bytes() == b"first"       # the old file, whole
     assert os.listdir(target.parent) == ["report.json"]          # no temporary left behind
+
+
+def test_on_a_bucket_a_file_appears_whole_or_not_at_all_and_is_listed_and_staged(
+        gcs_bucket, tmp_path, monkeypatch):
+    """Against the loopback GCS server: the same operations the commands use on buckets."""
+    target = f"{gcs_bucket}/run/report.json"
+    with pytest.raises(RuntimeError), paths.atomic_write(target) as f:
+        f.write(b"half")
+        raise RuntimeError("crash mid-write")
+    assert not paths.exists(target)                                   # nothing uploaded
+    paths.write_text(target, "first")
+    with pytest.raises(RuntimeError), paths.atomic_write(target) as f:
+        f.write(b"half of the second")
+        raise RuntimeError("crash mid-write")
+    assert paths.read_text(target) == "first"
+    for name in ("a.png", "sub/b.png", "sub/deeper/c.png"):
+        paths.write_text(f"{gcs_bucket}/images/{name}", name)
+    assert paths.walk_files(f"{gcs_bucket}/images") == [
+        f"{gcs_bucket}/images/{n}" for n in ("a.png", "sub/b.png", "sub/deeper/c.png")]
+    assert paths.glob(f"{gcs_bucket}/images", "*.png") == [f"{gcs_bucket}/images/a.png"]
+    assert paths.isdir(f"{gcs_bucket}/images/sub") and paths.isfile(f"{gcs_bucket}/images/a.png")
+    monkeypatch.setenv(paths.STAGE_ENV, str(tmp_path / "staged"))
+    local = paths.local_copy(target)                    # a local file for array_record & co.
+    assert local.startswith(str(tmp_path)) and open(local).read() == "first"
+    paths.write_text(target, "later")                   # changed (same size): copied again
+    assert open(paths.local_copy(target)).read() == "later"
+    tree = paths.local_tree(f"{gcs_bucket}/images")
+    assert open(os.path.join(tree, "sub", "deeper", "c.png")).read() == "sub/deeper/c.png"
+    assert not os.path.exists("gs:")
