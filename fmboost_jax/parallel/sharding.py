@@ -44,17 +44,19 @@ def check_config(config: Any) -> None:
         raise ConfigError("mesh", str(e).removeprefix("config.mesh: ")) from None
 
 
-def check_devices(config: Any) -> None:
-    """`config.mesh` fits the devices of this run and `config.batch_size` splits over them;
-    ConfigError naming the field otherwise."""
+def check_devices(config: Any, num_devices: int | None = None) -> None:
+    """`config.mesh` fits the devices of this run (or `num_devices`, e.g. a whole pod slice seen
+    from one of its hosts) and `config.batch_size` splits over them; ConfigError naming the field
+    otherwise."""
+    n = num_devices or jax.device_count()
     try:
-        mesh_shape(config.mesh, jax.device_count())
+        mesh_shape(config.mesh, n)
     except ValueError as e:
         raise ConfigError("mesh", str(e).removeprefix("config.mesh: ")) from None
-    if config.batch_size % jax.device_count():
-        raise ConfigError("batch_size", f"{config.batch_size} is not divisible by the "
-                          f"{jax.device_count()} devices ({jax.process_count()} processes) it is "
-                          "split over")
+    if config.batch_size % n:
+        where = f"{n} devices" if num_devices else f"{n} devices ({jax.process_count()} processes)"
+        raise ConfigError("batch_size", f"{config.batch_size} is not divisible by the {where} it "
+                          "is split over")
 
 
 def mesh_shape(axes: Sequence[tuple[str, int]], num_devices: int) -> tuple[int, ...]:

@@ -31,6 +31,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process's id (default: $JAX_PROCESS_ID).")
 _NO_COMPILE_CACHE = flags.DEFINE_bool("no_compile_cache", False, compile_cache.FLAG_HELP)
+_PREFLIGHT = flags.DEFINE_integer("preflight_devices", 0,
+                                  "Check the run before starting it on a slice of this many "
+                                  "devices (config, VAE, data, Inception weights, mesh and batch), "
+                                  "from one host, then exit without training (0: train).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -69,6 +73,10 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     _drop_calls_on_closed_loops()
+    if _PREFLIGHT.value:
+        with user_errors_in_one_line():
+            preflight(config_from_flag(_CONFIG), _WORKDIR.value, _PREFLIGHT.value)
+        return
     compile_cache.enable(off=_NO_COMPILE_CACHE.value)
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                            _PROCESS_ID.value)
@@ -76,6 +84,21 @@ def main(argv):
     from fmboost_jax.train.loop import train_and_evaluate
     with user_errors_in_one_line(CheckpointError):
         train_and_evaluate(config_from_flag(_CONFIG), _WORKDIR.value)
+
+
+def preflight(config, workdir: str, num_devices: int) -> None:
+    """The checks a run makes before any work, for a slice of `num_devices` devices, from one
+    host (no devices are joined); prints one line when they pass."""
+    from fmboost_jax.parallel import sharding
+    from fmboost_jax.train.setup import startup_checks, validate
+    if num_devices < 1:
+        raise app.UsageError(f"--preflight_devices must be >= 1, got {num_devices}")
+    validate(config)
+    startup_checks(config, num_devices)
+    mesh = dict(zip((name for name, _ in config.mesh), sharding.mesh_shape(config.mesh, num_devices)))
+    print(f"pre-flight: config, VAE, data and evaluation reachable; mesh {mesh} over "
+          f"{num_devices} devices, batch {config.batch_size} ({config.batch_size // num_devices} "
+          f"per device); workdir {workdir}: ok")
 
 
 def run() -> None:

@@ -61,18 +61,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check(config)
 
 
-def check_resources(config: ml_collections.ConfigDict) -> None:
+def check_resources(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """The config against this machine: the VAE checkpoint exists, the mesh fits the devices
-    and the batch splits over them. Raises ConfigError naming the field."""
+    (or `num_devices`) and the batch splits over them. Raises ConfigError naming the field."""
     first_stage.check_checkpoint(config)
-    sharding_lib.check_devices(config)
+    sharding_lib.check_devices(config, num_devices)
 
 
-def startup_checks(config: ml_collections.ConfigDict) -> None:
-    """Files, devices, data and the evaluation's Inception weights, checked together before any
-    work is done."""
+def startup_checks(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Files, devices (this run's, or `num_devices`), data and the evaluation's Inception weights,
+    checked together before any work is done."""
     wandb_logging.check_installed(config)
-    check_resources(config)
+    check_resources(config, num_devices)
     data_pipeline.check_data(config)
     benchmark.check_resources(config)
 
