@@ -137,14 +137,15 @@ watch() {
           echo "$(date) training refused to run (status 2; launch/tpu_pod.sh logs): not restarting" >&2
           exit 2
         fi
-        if ! on_all "pgrep -f -- 'fmboost_jax.train .*--workdir=$workdir' > /dev/null" 2>/dev/null; then
+        # [f]: the pattern must not match the shell that runs it
+        if ! on_all "pgrep -f -- '[f]mboost_jax.train .*--workdir=$workdir' > /dev/null" 2>/dev/null; then
           restarts=$((restarts + 1))
           if [ "$restarts" -gt "$MAX_RESTARTS" ]; then
             echo "$(date) training stopped $MAX_RESTARTS times: giving up (launch/tpu_pod.sh logs)" >&2
             exit 1
           fi
           echo "$(date) training not running on every worker: restart $restarts of $MAX_RESTARTS"
-          on_all "pkill -f -- 'fmboost_jax.train .*--workdir=$workdir' || true" || true
+          on_all "pkill -f -- '[f]mboost_jax.train .*--workdir=$workdir' || true" || true
           train "$@"
         fi ;;
       MISSING|PREEMPTED|TERMINATED)

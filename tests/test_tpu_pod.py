@@ -94,7 +94,8 @@ def test_a_pod_session_installs_checks_trains_and_watches_with_a_stub_gcloud(tmp
     assert "error: config.first_stage.checkpoint" in proc.stderr
     assert "the run was not started" in proc.stderr
     new = [json.loads(line) for line in log.read_text().splitlines()[calls:]]
-    assert len(new) == 1 and "--preflight_devices=4" in new[0][-3]    # the pre-flight alone
+    assert len(new) == 1 and "--worker=0" in new[0]                     # the pre-flight alone
+    assert any(a.startswith("--command=") and "--preflight_devices=4" in a for a in new[0])
 
     # One that can: the pre-flight passes, then every worker trains in the background.
     workdir = tmp_path / "run"
@@ -114,5 +115,5 @@ def test_a_pod_session_installs_checks_trains_and_watches_with_a_stub_gcloud(tmp
     proc = pod("watch", "demo:smoke", str(workdir), env=env)
     assert proc.returncode == 2 and "not restarting" in proc.stderr
     (home / "train.status").write_text("1\n")
-    proc = pod("watch", "demo:smoke", str(workdir), env=env | {"MAX_RESTARTS": "0"})
+    proc = pod("watch", "demo:smoke", str(workdir), env=env | {"MAX_RESTARTS": "0"}, timeout=120)
     assert proc.returncode == 1 and "giving up" in proc.stderr
