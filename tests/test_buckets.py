@@ -1,15 +1,15 @@
 """Runs on gs:// against a real GCS server on loopback (fake-gcs-server, `gcs_server.py`), with
-the public commands as a pod user types them: a run trains on a bucket, is killed and resumes
-bitwise; its model is loaded, boosts a folder of the bucket into the bucket and is evaluated from
-there. Precomputing latents to a bucket and training from them is tests/data/test_precompute.py.
+the public commands as a pod user types them: a run trains on a bucket (`python -m
+fmboost_jax.train`), is killed and resumes bitwise; its model is loaded, boosts a folder of the
+bucket into the bucket and is evaluated from there (`upsample` and `evaluate`, called
+in-process). Precomputing latents to a bucket and training from them is
+tests/data/test_precompute.py.
 Nothing named `gs:` may appear on the local disk."""
 
 import io
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -20,7 +20,7 @@ from PIL import Image
 from support import ROOT
 from training_runs import TOTAL, finish, max_diff, start
 
-from fmboost_jax import paths
+from fmboost_jax import evaluate, paths, upsample
 from fmboost_jax.checkpoints.store import restore_params
 
 
@@ -31,14 +31,9 @@ def bucket_steps(workdir: str) -> list[int]:
     return sorted(int(p.split("/")[-2]) for p in found if p.split("/")[-2].isdigit())
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-
-
 @pytest.mark.slow
 def test_a_run_on_a_bucket_is_killed_resumes_bitwise_and_its_model_boosts_and_scores_from_there(
-        gcs_bucket, reference, tmp_path):
+        gcs_bucket, reference, capsys):
     workdir = f"{gcs_bucket}/runs/tiny"
     proc = start(workdir)
     while max(bucket_steps(workdir), default=0) < 3:
@@ -66,17 +61,15 @@ def test_a_run_on_a_bucket_is_killed_resumes_bitwise_and_its_model_boosts_and_sc
                         ("sub/b.png", skimage.data.coffee()[50:58, 60:72])):
         with paths.atomic_write(f"{gcs_bucket}/in/{name}") as f:
             Image.fromarray(image).save(f, format="PNG")
-    proc = run("fmboost_jax.upsample", "--model", workdir, "--input", f"{gcs_bucket}/in",
-               "--output", f"{gcs_bucket}/out", "--num_steps", "1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 written, 0 already there, 0 skipped" in proc.stdout
+    assert upsample.main(["--model", workdir, "--input", f"{gcs_bucket}/in",
+                          "--output", f"{gcs_bucket}/out", "--num_steps", "1"]) == 0
+    assert "2 written, 0 already there, 0 skipped" in capsys.readouterr().out
     boosted = paths.read_bytes(f"{gcs_bucket}/out/sub/b.png")
     with Image.open(io.BytesIO(boosted)) as img:
         assert img.size == (48, 32)                                       # 12x8 -> 48x32
-    proc = run("fmboost_jax.evaluate", "--model", workdir, "--images", f"{gcs_bucket}/in",
-               "--image_size", "8", "--metrics", "psnr", "--baselines", "bicubic",
-               "--num_steps", "1", "--output", f"{gcs_bucket}/eval/r.json")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert evaluate.main(["--model", workdir, "--images", f"{gcs_bucket}/in", "--image_size", "8",
+                          "--metrics", "psnr", "--baselines", "bicubic", "--num_steps", "1",
+                          "--output", f"{gcs_bucket}/eval/r.json"]) == 0
     report = json.loads(paths.read_text(f"{gcs_bucket}/eval/r.json"))
     assert report["num_images"] == 2 and np.isfinite(report["results"]["cfm"]["psnr"])
 

@@ -98,22 +98,23 @@ def test_a_pod_session_installs_checks_trains_and_watches_with_a_stub_gcloud(tmp
     assert any(a.startswith("--command=") and "--preflight_devices=4" in a for a in new[0])
 
     # One that can: the pre-flight passes, then every worker trains in the background.
-    workdir = tmp_path / "run"
-    proc = pod("train", "demo:smoke", str(workdir), env=env)
+    workdir, config = tmp_path / "run", ["tests/tiny_config.py:flat", "--config.total_steps=2",
+                                         "--config.eval_every=2", "--config.checkpoint_every=2"]
+    proc = pod("train", config[0], str(workdir), *config[1:], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pre-flight: config, VAE, data and evaluation reachable; mesh {'data': 4" in proc.stdout
-    proc = pod("watch", "demo:smoke", str(workdir), env=env)      # until eval.json is written
+    proc = pod("watch", config[0], str(workdir), *config[1:], env=env)   # until eval.json is written
     assert proc.returncode == 0 and "done:" in proc.stdout, proc.stderr[-3000:]
     assert (home / "train.status").read_text().strip() == "0"
-    assert json.loads((workdir / "eval.json").read_text())["step"] == 4
+    assert json.loads((workdir / "eval.json").read_text())["step"] == 2
     proc = pod("logs", env=env)
-    assert "status 0" in proc.stdout and "eval step 4" in proc.stdout
+    assert "status 0" in proc.stdout and "eval step 2" in proc.stdout
 
     # watch stops on a refusal (status 2) and gives up after MAX_RESTARTS restarts.
     (workdir / "eval.json").unlink()
     (home / "train.status").write_text("2\n")
-    proc = pod("watch", "demo:smoke", str(workdir), env=env)
+    proc = pod("watch", *config[:1], str(workdir), env=env)
     assert proc.returncode == 2 and "not restarting" in proc.stderr
     (home / "train.status").write_text("1\n")
-    proc = pod("watch", "demo:smoke", str(workdir), env=env | {"MAX_RESTARTS": "0"}, timeout=120)
+    proc = pod("watch", *config[:1], str(workdir), env=env | {"MAX_RESTARTS": "0"}, timeout=120)
     assert proc.returncode == 1 and "giving up" in proc.stderr

@@ -134,8 +134,9 @@ def load_torch_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -
     file you made yourself.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    path = paths.local_copy(path)            # torch and safetensors read local files
     if path.endswith(".safetensors"):
         return _load_safetensors(path)
     try:
