@@ -168,6 +168,12 @@ def upload(local: str, remote: str) -> None:
         shutil.copyfileobj(src, dst, 16 << 20)
 
 
+def upload_tree(local: str, remote: str) -> None:
+    """Uploads every file under the local folder to the same relative paths under `remote`."""
+    for f in walk_files(local):
+        upload(f, join(remote, os.path.relpath(f, local)))
+
+
 def stage_dir() -> str:
     """Where `local_copy` keeps remote files: `$FMBOOST_STAGE_DIR`, else a folder of the user's
     cache (`$XDG_CACHE_HOME` or `~/.cache`)."""

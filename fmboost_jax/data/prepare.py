@@ -14,8 +14,10 @@ See `fmboost_jax/data/builders.py` for the expected layouts and the splits.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+import tempfile
 
 from absl import app, flags
 
@@ -31,19 +33,35 @@ _NAME = flags.DEFINE_string("name", "", "Dataset name for --dataset=image_folder
 flags.mark_flags_as_required(["dataset", "manual_dir"])
 
 
+@functools.cache
+def _named_folder_builder(name: str) -> type:
+    """The image-folder builder under another dataset name (TFDS registers a name once)."""
+    base = builders.BUILDERS["image_folder"]
+    return type(name.title().replace("_", ""), (base,), {"name": name, "__doc__": base.__doc__})
+
+
 def prepare(dataset: str, manual_dir: str, data_dir: str, name: str = "") -> str:
-    """Builds the dataset; returns the directory it was written to."""
+    """Builds the dataset; returns the directory it was written to. A `data_dir` on a bucket is
+    built in a local temporary folder and uploaded (array_record writes local files only)."""
     import tensorflow_datasets as tfds
     manual_dir = os.path.expanduser(manual_dir)
     if not os.path.isdir(manual_dir):
         raise FileNotFoundError(f"--manual_dir {manual_dir!r} is not a folder")
     cls = builders.BUILDERS[dataset]
     if dataset == "image_folder" and name and name != "image_folder":
-        cls = type(name.title().replace("_", ""), (cls,), {"name": name, "__doc__": cls.__doc__})
+        cls = _named_folder_builder(name)
     data_dir = paths.resolve(data_dir)
-    builder = cls(data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    return os.fspath(builder.data_dir)
+    with tempfile.TemporaryDirectory(prefix="fmboost-tfds-") as local:
+        build_dir = local if paths.is_remote(data_dir) else data_dir
+        builder = cls(data_dir=build_dir, file_format="array_record")
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        built = os.fspath(builder.data_dir)
+        if build_dir == data_dir:
+            return built
+        remote = paths.join(data_dir, os.path.relpath(built, local))
+        paths.upload_tree(built, remote)
+        return remote
 
 
 def main(argv):
