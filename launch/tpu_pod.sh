@@ -84,9 +84,9 @@ setup() {
   rm -f "$archive"
   on_all "set -e; cd ~ && rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && \
 tar -xzf fmboost_jax.tar.gz -C $REMOTE_DIR && \
-python3 -m pip install -q --user --upgrade uv && \
-~/.local/bin/uv venv -q --clear --python $PYTHON_VERSION $VENV && \
-~/.local/bin/uv pip install -q --python $VENV/bin/python -r $REMOTE_DIR/requirements.txt \
+python3 -m pip install -q --upgrade --target ~/.fmboost_uv uv && \
+~/.fmboost_uv/bin/uv venv -q --clear --python $PYTHON_VERSION $VENV && \
+~/.fmboost_uv/bin/uv pip install -q --python $VENV/bin/python -r $REMOTE_DIR/requirements.txt \
 '$JAX_SPEC' -e $REMOTE_DIR && $VENV/bin/python -c 'import fmboost_jax, sys; print(sys.version)'"
 }
 

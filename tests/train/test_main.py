@@ -1,5 +1,5 @@
 """Tests of `python -m fmboost_jax.train` (fmboost_jax/train/__main__.py) and the console
-scripts: the demo end to end, and user errors answered in one line before any work."""
+scripts: a run end to end, and user errors answered in one line before any work."""
 
 import json
 import os
@@ -18,10 +18,12 @@ def _train(tmp_path, *flags):
 
 
 @pytest.mark.slow
-def test_the_demo_config_runs_end_to_end_from_the_command_line(tmp_path):
-    """With the paper's coupling (noised source) and an SDE sampler for its evaluation."""
-    workdir = tmp_path / "demo"
-    proc = _train(tmp_path, "--config=configs/demo.py:smoke", f"--workdir={workdir}",
+def test_a_run_with_the_papers_coupling_runs_end_to_end_from_the_command_line(tmp_path):
+    """The paper's coupling (noised source) and an SDE sampler for its evaluation, on the tests'
+    tiny config (the demo itself runs from the command line in tests/test_docs.py)."""
+    workdir = tmp_path / "paper"
+    proc = _train(tmp_path, "--config=tests/tiny_config.py:flat", f"--workdir={workdir}",
+                  "--config.total_steps=4", "--config.eval_every=4", "--config.checkpoint_every=2",
                   "--config.coupling.noising_step=400", "--config.sampling.solver=euler_maruyama")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.load(open(workdir / "eval.json"))
