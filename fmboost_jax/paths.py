@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -118,8 +117,8 @@ def walk_files(folder: str | os.PathLike) -> list[str]:
         return sorted(os.path.join(root, f) for root, _, names in os.walk(folder, followlinks=True)
                       for f in names)
     fs, root = _fs(folder)
-    protocol = folder.split("://", 1)[0]
-    return sorted(f"{protocol}://{key}" for key in fs.find(root))
+    protocol = folder.split("://", 1)[0]      # keys ending in "/": folder placeholders
+    return sorted(f"{protocol}://{key}" for key in fs.find(root) if not key.endswith("/"))
 
 
 def write_text(p: str | os.PathLike, text: str) -> None:
@@ -163,14 +162,18 @@ def atomic_write(p: str | os.PathLike) -> Iterator[BinaryIO]:
 
 
 def upload(local: str, remote: str) -> None:
-    """Copies the local file onto the remote path (the object appears when the copy ends)."""
-    with open(local, "rb") as src, path(remote).open("wb") as dst:
-        shutil.copyfileobj(src, dst, 16 << 20)
+    """Copies the local file onto the remote path: the object appears when the upload completes,
+    and a failed upload leaves none (fsspec's `put_file`; a file object would be finalised
+    half-written when closed after an error)."""
+    fs, key = _fs(remote)
+    fs.put_file(local, key)
 
 
-def upload_tree(local: str, remote: str) -> None:
-    """Uploads every file under the local folder to the same relative paths under `remote`."""
-    for f in walk_files(local):
+def upload_tree(local: str, remote: str, last: tuple[str, ...] = ("dataset_info.json",)) -> None:
+    """Uploads every file under the local folder to the same relative paths under `remote`; files
+    named in `last` (those whose presence says the folder is complete) go up last."""
+    files = sorted(walk_files(local), key=lambda f: os.path.basename(f) in last)
+    for f in files:
         upload(f, join(remote, os.path.relpath(f, local)))
 
 
@@ -193,9 +196,9 @@ def local_tree(folder: str | os.PathLike) -> str:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         copy = local_copy(f)
         if not (os.path.exists(target) and os.path.samefile(copy, target)):
-            if os.path.exists(target):
-                os.remove(target)
-            os.link(copy, target)
+            link = f"{target}.{os.getpid()}.tmp"   # linked, then renamed: processes may race
+            os.link(copy, link)
+            os.replace(link, target)
     return local
 
 
@@ -208,9 +211,9 @@ def local_copy(p: str | os.PathLike) -> str:
         return p
     fs, key = _fs(p)
     info = fs.info(key)                   # size, generation, checksum...: any change shows
-    key = hashlib.sha256(f"{p} {sorted(info.items())}".encode()).hexdigest()[:16]
-    local = os.path.join(stage_dir(), f"{key}-{os.path.basename(p)}")
+    digest = hashlib.sha256(f"{p} {sorted(info.items())}".encode()).hexdigest()[:16]
+    local = os.path.join(stage_dir(), f"{digest}-{os.path.basename(p)}")
     if not os.path.exists(local):
-        with atomic_write(local) as f, path(p).open("rb") as src:
-            shutil.copyfileobj(src, f, 16 << 20)
+        with atomic_file(local) as tmp:
+            fs.get_file(key, tmp)
     return local

@@ -102,9 +102,10 @@ preflight() {
 start_all() {
   local config=$1 workdir=$2
   shift 2
-  on_all "cd ~/$REMOTE_DIR && rm -f ~/train.status && nohup sh -c '~/$VENV/bin/python -m \
+  # Only the nohup is put in the background ({ ... & }), so that ssh returns at once.
+  on_all "cd ~/$REMOTE_DIR && rm -f ~/train.status && { nohup sh -c '~/$VENV/bin/python -m \
 fmboost_jax.train --distributed=${DISTRIBUTED:-on} --config=$config --workdir=$workdir$(quoted "$@"); \
-echo \$? > ~/train.status' > ~/train.log 2>&1 < /dev/null &"
+echo \$? > ~/train.status' > ~/train.log 2>&1 < /dev/null & }"
 }
 
 train() {
@@ -124,12 +125,31 @@ logs() {
 tail -n ${LINES_PER_WORKER:-15} ~/train.log"
 }
 
-state() { tpu describe "$TPU_NAME" --format='value(state)' 2>/dev/null || echo MISSING; }
+state() {   # READY, PREEMPTED, ...; MISSING only when gcloud says the slice does not exist
+  local out
+  if out=$(tpu describe "$TPU_NAME" --format='value(state)' 2>&1); then echo "$out"
+  elif grep -qi "not_found\|not found" <<< "$out"; then echo MISSING
+  else echo "UNKNOWN (gcloud: ${out//$'\n'/ })"
+  fi
+}
+
+running() {   # 0: the run's processes are up on every worker, 1: not on some, 2: ssh failed
+  local pattern="'[f]mboost_jax.train .*--workdir=$1'"   # [f]: must not match its own shell
+  on_all "pgrep -f -- $pattern > /dev/null || exit 1" 2>/dev/null
+  case $? in 0) return 0 ;; 1) return 1 ;; *) return 2 ;; esac
+}
+
+stop_all() {  # SIGTERM (the run saves and exits), then SIGKILL what is left after STOP_SECONDS
+  local pattern="'[f]mboost_jax.train .*--workdir=$1'" waited=0
+  on_all "pkill -f -- $pattern; true" || true
+  while running "$1" && [ "$waited" -lt "${STOP_SECONDS:-120}" ]; do sleep 5; waited=$((waited + 5)); done
+  on_all "pkill -9 -f -- $pattern; true" || true
+}
 
 watch() {
   need_slice
   local config=${1:?config file} workdir=${2:?workdir (gs://...)} restarts=0 statuses
-  until run gcloud storage ls "$workdir/eval.json" > /dev/null 2>&1; do
+  while [ "$DRY_RUN" = 1 ] || ! gcloud storage ls "$workdir/eval.json" > /dev/null 2>&1; do
     case "$(state)" in
       READY)
         statuses=$(on_all "cat ~/train.status 2>/dev/null || true" 2>/dev/null || true)
@@ -137,16 +157,19 @@ watch() {
           echo "$(date) training refused to run (status 2; launch/tpu_pod.sh logs): not restarting" >&2
           exit 2
         fi
-        # [f]: the pattern must not match the shell that runs it
-        if ! on_all "pgrep -f -- '[f]mboost_jax.train .*--workdir=$workdir' > /dev/null" 2>/dev/null; then
+        local up=0
+        running "$workdir" || up=$?
+        if [ "$up" = 1 ]; then
           restarts=$((restarts + 1))
           if [ "$restarts" -gt "$MAX_RESTARTS" ]; then
             echo "$(date) training stopped $MAX_RESTARTS times: giving up (launch/tpu_pod.sh logs)" >&2
             exit 1
           fi
           echo "$(date) training not running on every worker: restart $restarts of $MAX_RESTARTS"
-          on_all "pkill -f -- '[f]mboost_jax.train .*--workdir=$workdir' || true" || true
+          stop_all "$workdir"
           train "$@"
+        elif [ "$up" = 2 ]; then
+          echo "$(date) workers unreachable over ssh: waiting"
         fi ;;
       MISSING|PREEMPTED|TERMINATED)
         echo "$(date) slice is $(state): recreating"

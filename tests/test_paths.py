@@ -43,6 +43,8 @@ def test_on_a_bucket_a_file_appears_whole_or_not_at_all_and_is_listed_and_staged
     assert paths.read_text(target) == "first"
     for name in ("a.png", "sub/b.png", "sub/deeper/c.png"):
         paths.write_text(f"{gcs_bucket}/images/{name}", name)
+    fs, _ = paths._fs(gcs_bucket)
+    fs.pipe_file(f"{gcs_bucket[5:]}/images/made-in-the-console/", b"")   # a folder placeholder
     assert paths.walk_files(f"{gcs_bucket}/images") == [
         f"{gcs_bucket}/images/{n}" for n in ("a.png", "sub/b.png", "sub/deeper/c.png")]
     assert paths.glob(f"{gcs_bucket}/images", "*.png") == [f"{gcs_bucket}/images/a.png"]
@@ -55,3 +57,16 @@ def test_on_a_bucket_a_file_appears_whole_or_not_at_all_and_is_listed_and_staged
     tree = paths.local_tree(f"{gcs_bucket}/images")
     assert open(os.path.join(tree, "sub", "deeper", "c.png")).read() == "sub/deeper/c.png"
     assert not os.path.exists("gs:")
+
+
+def test_a_folder_is_uploaded_with_its_completeness_marker_last(tmp_path, monkeypatch):
+    """TFDS takes a version folder with `dataset_info.json` as complete: an interrupted upload
+    must not look complete."""
+    for name in ("a.array_record", "dataset_info.json", "z.json"):
+        (tmp_path / name).write_text(name)
+    order = []
+    monkeypatch.setattr(paths, "upload", lambda local, remote: order.append(remote))
+    paths.upload_tree(str(tmp_path), "gs://bucket/tfds/x/1.0.0")
+    assert order == [f"gs://bucket/tfds/x/1.0.0/{n}" for n in ("a.array_record", "z.json",
+                                                              "dataset_info.json")]
+

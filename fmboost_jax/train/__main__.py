@@ -8,12 +8,14 @@ a checkpoint at the next step and exits with status 0.
 
 import asyncio
 import logging as pylogging
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fmboost_jax import compile_cache
+from fmboost_jax import compile_cache, paths
 from fmboost_jax.cli import config_from_flag, run_app, user_errors_in_one_line
+from fmboost_jax.errors import UserError
 from fmboost_jax.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -95,10 +97,16 @@ def preflight(config, workdir: str, num_devices: int) -> None:
         raise app.UsageError(f"--preflight_devices must be >= 1, got {num_devices}")
     validate(config)
     startup_checks(config, num_devices)
+    probe = paths.join(workdir, f".preflight-{os.getpid()}")
+    try:                                     # the workdir takes a file (a bucket's permissions)
+        paths.write_text(probe, "")
+        paths.path(probe).unlink()
+    except OSError as err:
+        raise UserError(f"--workdir {workdir}: cannot write there ({err})") from None
     mesh = dict(zip((name for name, _ in config.mesh), sharding.mesh_shape(config.mesh, num_devices)))
     print(f"pre-flight: config, VAE, data and evaluation reachable; mesh {mesh} over "
           f"{num_devices} devices, batch {config.batch_size} ({config.batch_size // num_devices} "
-          f"per device); workdir {workdir}: ok")
+          f"per device); workdir {workdir} writable: ok")
 
 
 def run() -> None:

@@ -9,6 +9,7 @@ process feeds its part of the batch, and only process 0 writes logs and images.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -107,6 +108,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             check_finite(*pending, last_saved)
         completed = True
     finally:
+        if not completed:                      # a failing run: what was logged is kept
+            with contextlib.suppress(Exception):
+                writer.close()
         bar.close()
         watcher.close()
         run.train_iter.close()                 # stops the input pipeline's worker processes

@@ -3,7 +3,8 @@ event files (tensorboardX, no TensorFlow needed) and, when `config.wandb.project
 Weights & Biases run (`wandb_logging.py`). Only process 0 writes. `workdir` may be a local path
 or a bucket (`gs://...`). A bucket has no append: there `metrics.jsonl` is read at the start and
 uploaded whole at each write (a resumed run keeps the rows before it), and the TensorBoard event
-files are written to a local folder and uploaded whole at each write (a new file per start)."""
+files are written to a local folder and uploaded whole (a new file per start) at most every
+`UPLOAD_SECONDS`, after each image (evaluations) and at the end."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +24,7 @@ from fmboost_jax import paths
 from fmboost_jax.train import wandb_logging
 
 METRICS_FILE = "metrics.jsonl"
+UPLOAD_SECONDS = 60.0           # on a bucket: the longest the uploaded TensorBoard events lag
 
 
 class MetricWriter:
@@ -31,7 +34,8 @@ class MetricWriter:
         self.active = jax.process_index() == 0
         self.remote = paths.is_remote(workdir)
         self._jsonl = self._tb = self._wandb = None
-        self._rows: list[str] = []             # on a bucket: the whole file, uploaded per write
+        self._rows: list[str] = []             # on a bucket: the whole file, uploaded whole
+        self._uploaded = time.monotonic()
         if not self.active:
             return
         paths.makedirs(workdir)
@@ -65,7 +69,7 @@ class MetricWriter:
                 self._tb.add_scalar(k, v, global_step=int(step))
         if self._wandb is not None:
             self._wandb.log(step, {k: v for k, v in row.items() if k != "step"})
-        self._upload()
+        self._upload(events=time.monotonic() - self._uploaded >= UPLOAD_SECONDS)
 
     def write_image(self, step: int, name: str, image: np.ndarray) -> None:
         """An (H, W, 3) uint8 image to TensorBoard (and W&B)."""
@@ -75,11 +79,14 @@ class MetricWriter:
                 self._wandb.image(step, name, image)
             self._upload()
 
-    def _upload(self) -> None:
-        """On a bucket: `metrics.jsonl` and the event files, each uploaded whole."""
+    def _upload(self, events: bool = True) -> None:
+        """On a bucket: `metrics.jsonl` and (with `events`) the event files, uploaded whole."""
         if not self.remote:
             return
         paths.write_text(self._path, "".join(self._rows))
+        if not events:
+            return
+        self._uploaded = time.monotonic()
         self._tb.flush()
         for name in os.listdir(self._tb_local):
             paths.upload(os.path.join(self._tb_local, name), paths.join(self._tb_dir, name))
