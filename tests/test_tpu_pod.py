@@ -10,6 +10,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 from support import ROOT
@@ -105,6 +106,10 @@ def test_a_pod_session_installs_checks_trains_and_watches_with_a_stub_gcloud(tmp
     assert "pre-flight: config, VAE, data and evaluation reachable; mesh {'data': 4" in proc.stdout
     proc = pod("watch", config[0], str(workdir), *config[1:], env=env)   # until eval.json is written
     assert proc.returncode == 0 and "done:" in proc.stdout, proc.stderr[-3000:]
+    deadline = time.time() + 120               # eval.json comes just before the process ends
+    while not (home / "train.status").exists():
+        assert time.time() < deadline, "the background run wrote no status"
+        time.sleep(0.5)
     assert (home / "train.status").read_text().strip() == "0"
     assert json.loads((workdir / "eval.json").read_text())["step"] == 2
     proc = pod("logs", env=env)
