@@ -96,6 +96,7 @@ def _first_stage() -> ml_collections.ConfigDict:
         name="sd_vae", checkpoint="~/fmboost/vae/sd", dtype="auto",
         tile_size=0, tile_overlap=64,  # encode/decode in blended tiles of this many pixels
         tile_shared_stats=True,        # tiles normalise with the image's estimated statistics
+        micro_batch=0,                 # code at most this many images at once (0: the batch)
     ))
 
 
@@ -134,6 +135,7 @@ def base_config() -> ml_collections.ConfigDict:
         conv_resample=True, dim_head=64, num_heads=4, use_linear_attn=False,
         use_scale_shift_norm=True, pool_factor=-1,
         attention="einsum",            # softmax attention: einsum | xla | cudnn (GPUs, bf16)
+        remat=False,                   # recompute block activations for the backward pass
     ))
 
     c.optim = ml_collections.ConfigDict(dict(

@@ -13,6 +13,9 @@ sys.path.insert(0, TESTS)
 # rounding). Set before JAX starts its backend, and inherited by the tests' subprocesses.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+# The tests run on the CPU: libtpu (installed to compile TPU programs ahead of time in the plan's
+# tests) would otherwise make JAX look for a TPU first.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

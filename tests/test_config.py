@@ -36,7 +36,7 @@ def test_base_config_is_the_released_setup_field_by_field():
         in_channels=8, model_channels=128, out_channels=4, num_res_blocks=3,
         attention_resolutions=(8, 16), dropout=0.0, channel_mult=(1, 2, 4, 8),
         conv_resample=True, dim_head=64, num_heads=4, use_linear_attn=False,
-        use_scale_shift_norm=True, pool_factor=-1, attention="einsum")
+        use_scale_shift_norm=True, pool_factor=-1, attention="einsum", remat=False)
     assert (c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay) == (3e-5, 1000, 0.0)
     assert not c.optim.warmup_from_zero
     assert (c.ema.rate, c.ema.update_after_step, c.ema.power, c.ema.before_update) == \

@@ -28,7 +28,7 @@ import grain
 import numpy as np
 from absl import logging
 
-from fmboost_jax import paths
+from fmboost_jax import first_stage, paths
 from fmboost_jax.data import images as images_lib
 from fmboost_jax.data import photos, sources
 from fmboost_jax.errors import ConfigError, check_one_of, check_range
@@ -254,6 +254,19 @@ def create_train_iterator(config: Any, process_index: int = 0, process_count: in
     return TrainIterator(train_examples(config, process_index, process_count, start_step),
                          config.batch_size // process_count, d.read_threads, d.prefetch,
                          d.worker_count, description=f"{d.name} {d.tfds_name or d.path!r}")
+
+
+def batch_spec(config: Any, batch_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """The (shape, dtype) of each array of a training batch of `batch_size` examples, as the
+    iterator of `config.data` yields it (no data read): images uint8 (B, S, S, 3) (the demo's
+    photos float32), latent records float32 (B, s, s, C) for `latent` and `latent_lowres`."""
+    s = config.high_res_size
+    if config.data.name == "latents":
+        z = s // first_stage.downsample_factor(config)
+        shape = (batch_size, z, z, first_stage.latent_channels(config))
+        return {"latent": (shape, np.float32), "latent_lowres": (shape, np.float32)}
+    dtype = np.float32 if config.data.name == "skimage_photos" else np.uint8
+    return {"image": ((batch_size, s, s, 3), dtype)}
 
 
 # ------------------------------------------------------------------------ evaluation and checks

@@ -17,7 +17,7 @@ import jax
 
 from fmboost_jax import config as config_lib
 from fmboost_jax import paths
-from fmboost_jax.errors import ConfigError, check_one_of
+from fmboost_jax.errors import ConfigError, check_one_of, check_range
 from fmboost_jax.first_stage import tiling
 from fmboost_jax.first_stage.vae import (
     RANDOM_WEIGHTS,
@@ -95,7 +95,8 @@ def first_stage_from_config(config: Any) -> FirstStage:
     tiles = (tiling.TileOptions(fs.tile_size, fs.tile_overlap, fs.tile_shared_stats)
              if fs.tile_size > 0 else None)
     return AutoencoderFirstStage(autoencoder_config(config), checkpoint=fs.checkpoint,
-                                 dtype=config_lib.dtype(fs.dtype), tiling=tiles)
+                                 dtype=config_lib.dtype(fs.dtype), tiling=tiles,
+                                 micro_batch=fs.micro_batch)
 
 
 def check_checkpoint(config: Any) -> None:
@@ -112,6 +113,7 @@ def check_config(config: Any) -> None:
     fs = config.first_stage
     check_one_of(config, "first_stage.name", NAMES)
     check_one_of(config, "first_stage.dtype", config_lib.DTYPE_NAMES)
+    check_range(config, "first_stage.micro_batch", 0)
     factor = downsample_factor(config)
     if fs.name != "identity":
         if not fs.checkpoint:

@@ -34,8 +34,10 @@ class AutoencoderFirstStage:
     """
 
     def __init__(self, config: autoencoder.AutoencoderConfig, checkpoint: str,
-                 dtype: Any = jnp.float32, tiling: tiling_lib.TileOptions | None = None):
+                 dtype: Any = jnp.float32, tiling: tiling_lib.TileOptions | None = None,
+                 micro_batch: int = 0):
         self.config = config
+        self.micro_batch = micro_batch     # > 0: images coded this many at a time (lax.map)
         self.model = autoencoder.AutoencoderKL(config, dtype)
         self.checkpoint = checkpoint
         self.scale_factor, self.shift_factor = config.scale_factor, config.shift_factor
@@ -72,8 +74,20 @@ class AutoencoderFirstStage:
     def _tiles(self, x: Array, tile: int) -> bool:
         return self.tiling is not None and (x.shape[1] > tile or x.shape[2] > tile)
 
+    def _in_micro_batches(self, fn: Any, x: Array) -> Any:
+        """`fn(x)` for a batch x (B, ...), run `micro_batch` images at a time when B is larger:
+        the activations of one micro-batch are alive at once, not the whole batch's."""
+        k = self.micro_batch
+        if k <= 0 or x.shape[0] <= k:
+            return fn(x)
+        one = lambda xi: jax.tree.map(lambda a: a[0], fn(xi[None]))
+        return jax.lax.map(one, x, batch_size=k)
+
     def moments(self, params: PyTree, images: Array) -> tuple[Array, Array]:
         """Images (B, H, W, 3) in [-1, 1] -> unscaled posterior (mean, logvar), (B, H/8, W/8, C)."""
+        return self._in_micro_batches(lambda x: self._moments(params, x), images)
+
+    def _moments(self, params: PyTree, images: Array) -> tuple[Array, Array]:
         if not self._tiles(images, self.tiling and self.tiling.size):
             return self._apply(params, images, "encode")
         cfg = self.config
@@ -90,6 +104,9 @@ class AutoencoderFirstStage:
     def decode(self, params: PyTree, latents: Array) -> Array:
         """Scaled latents (B, h, w, C) -> images (B, 8h, 8w, 3) in about [-1, 1]."""
         z = latents / self.scale_factor + self.shift_factor
+        return self._in_micro_batches(lambda x: self._decode(params, x), z)
+
+    def _decode(self, params: PyTree, z: Array) -> Array:
         f = self.downsample_factor
         if not self._tiles(z, self.tiling and self.tiling.size // f):
             return self._apply(params, z, "decode")

@@ -178,6 +178,16 @@ def _train_iterator(config: ml_collections.ConfigDict, start_step: int, data_sta
     return it
 
 
+def jit_train_step(cfm: CFM, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                   mesh: jax.sharding.Mesh, shardings: Any) -> Any:
+    """The update step jitted for `mesh`: the state in `shardings` (and donated), the first
+    stage's params replicated, the batch split over every device."""
+    replicated = sharding_lib.replicated(mesh)
+    return jax.jit(make_train_step(cfm, tx, config),
+                   in_shardings=(shardings, replicated, sharding_lib.batch_sharding(mesh)),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,))
+
+
 def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Mesh, model, state (auto-resumed), data, evaluator and the compiled update step."""
     mesh = sharding_lib.make_mesh(config.mesh)
@@ -193,12 +203,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     train_iter = _train_iterator(config, int(state.step), data_state)
     evaluator = Evaluator(cfm, config, data_pipeline.eval_images(config), mesh)
     first_batch = sharding_lib.global_batch(next(train_iter), mesh)
-    replicated = sharding_lib.replicated(mesh)
-    train_step = jax.jit(
-        make_train_step(cfm, tx, config),
-        in_shardings=(shardings, replicated, sharding_lib.batch_sharding(mesh)),
-        out_shardings=(shardings, replicated), donate_argnums=(0,),
-    ).lower(state, fs_params, first_batch).compile()
+    train_step = jit_train_step(cfm, tx, config, mesh, shardings).lower(
+        state, fs_params, first_batch).compile()
     peak = peak_tflops(jax.devices()[0].device_kind, jnp.dtype(cfm.unet.dtype).name)
     meter = Meter(config.batch_size, mesh.size, config.total_steps, flops_of(train_step), peak)
     return Run(config, mesh, cfm, fs_params, state, train_iter, first_batch, train_step,

@@ -38,3 +38,16 @@ def test_a_missing_vae_checkpoint_is_an_error_naming_the_field_and_the_fix():
     with pytest.raises(FileNotFoundError, match=r"(?s)first_stage.checkpoint: '/nonexistent/vae' does "
                        r"not exist.*python -m fmboost_jax.convert vae --src FILE --dst DIR"):
         fs.init_params(None)
+
+
+def test_micro_batches_code_each_image_as_the_whole_batch_does():
+    cfg = ae.preset("sd", ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
+    whole = AutoencoderFirstStage(cfg, checkpoint="random")
+    params = whole.init_params(jax.random.PRNGKey(0))
+    p = photo(32)[0]
+    x = jnp.asarray(np.stack([p, p[::-1], p[:, ::-1]]))
+    z = whole.encode(params, x)
+    for k in (1, 2):                      # 2: three images in micro-batches of 2 and 1
+        parts = AutoencoderFirstStage(cfg, checkpoint="random", micro_batch=k)
+        np.testing.assert_allclose(parts.encode(params, x), z, atol=1e-5)
+        np.testing.assert_allclose(parts.decode(params, z), whole.decode(params, z), atol=1e-4)

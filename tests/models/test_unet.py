@@ -1,6 +1,7 @@
 """Tests of fmboost_jax/models/unet.py: sizes, initialisation, dropout, dtypes."""
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -129,3 +130,23 @@ def test_unpool_init_has_torchs_conv_transpose_bound():
     bound = 1 / np.sqrt(c_out * f * f)          # torch: fan_in from dim 1 times the kernel area
     assert np.abs(torch_w).max() <= bound and np.abs(kernel).max() <= bound
     np.testing.assert_allclose(kernel.std(), torch_w.std(), rtol=0.05)
+
+
+def test_remat_recomputes_the_same_loss_and_gradients_with_the_same_params():
+    x, t, ctx = _inputs()
+    plain, remat = _small(dropout=0.1), _small(dropout=0.1, remat=True)
+    params = plain.init(jax.random.PRNGKey(1), x, t, ctx)["params"]
+    params = jax.tree.map(lambda p: p + 0.01, params)     # a non-zero output conv
+    assert jax.tree.structure(remat.init(jax.random.PRNGKey(1), x, t, ctx)["params"]) == \
+        jax.tree.structure(params)
+
+    def loss(model, p):
+        out = model.apply({"params": p}, x, t, ctx, train=True,
+                          rngs={"dropout": jax.random.PRNGKey(2)})
+        return jnp.mean(out**2)
+
+    (a, ga), (b, gb) = (jax.jit(jax.value_and_grad(lambda p, m=m: loss(m, p)))(params)
+                        for m in (plain, remat))
+    np.testing.assert_allclose(b, a, rtol=1e-6)
+    u, v = (jax.flatten_util.ravel_pytree(g)[0] for g in (ga, gb))
+    np.testing.assert_allclose(v, u, rtol=1e-4, atol=1e-5 * float(jnp.abs(u).max()))
