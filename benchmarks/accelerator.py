@@ -11,6 +11,9 @@ bfloat16; each part runs in a process of its own, so that its peak memory is its
   train   the UNet's training step (forward, backward, Adam; the state donated) at the training
           latent size (128²), batch 8 and 32: median ms, img/s and MFU (XLA's FLOPs of the compiled
           step / step time / the chip's bfloat16 peak, `train.meter.peak_tflops`);
+  step    the whole training step as `train` runs it (`train.setup.jit_train_step`: the SD VAE
+          encodes the 1024² images and their PSU, noising, the UNet's forward and backward, Adam,
+          EMA) on uint8 images, batch 2 and 8: what the UNet-only `train` figure leaves out;
   torch   the PyTorch reference network (`tests/torch_unet_oracle.py`) on the same GPU, bfloat16
           autocast, the same batches, and the ratio fmboost_jax / PyTorch (skipped, in one line,
           without torch or CUDA);
@@ -62,7 +65,7 @@ from bench_unet_step import (  # noqa: E402
     torch_unet_calls,
 )
 
-PARTS = ("train", "torch", "sample", "vae", "boost")
+PARTS = ("train", "step", "torch", "sample", "vae", "boost")
 RESULT, MACHINE = "RESULT ", "MACHINE "
 
 
@@ -72,6 +75,7 @@ class Setup:
     unet: dict[str, Any]                # changes to the released UNet
     latent: int                         # side of the high-res latent (the UNet's input)
     train_batches: tuple[int, ...]
+    step_batches: tuple[int, ...]       # of the whole training step (images)
     sample_batch: int
     boost_batch: int
     nfe: int                            # Euler steps of the sample and the boost
@@ -80,11 +84,11 @@ class Setup:
     warmup: int
 
 
-FULL = Setup(unet={}, latent=128, train_batches=(8, 32), sample_batch=16, boost_batch=1, nfe=40,
-             vae="sd_vae", steps=10, warmup=2)
+FULL = Setup(unet={}, latent=128, train_batches=(8, 32), step_batches=(2, 8), sample_batch=16,
+             boost_batch=1, nfe=40, vae="sd_vae", steps=10, warmup=2)
 SMOKE = Setup(unet=dict(model_channels=32, num_res_blocks=1, channel_mult=(1,),
                         attention_resolutions=(1,), dim_head=8, num_heads=2),
-              latent=8, train_batches=(1, 2), sample_batch=2, boost_batch=1, nfe=2,
+              latent=8, train_batches=(1, 2), step_batches=(1,), sample_batch=2, boost_batch=1, nfe=2,
               vae="tiny_vae", steps=1, warmup=1)
 
 
@@ -93,8 +97,9 @@ def setup_of(args: argparse.Namespace) -> Setup:
     """The smoke or the full setup with the command line's changes."""
     s = SMOKE if args.smoke else FULL
     changes: dict[str, Any] = {}
-    if args.train_batches:
-        changes["train_batches"] = args.train_batches
+    for field in ("train_batches", "step_batches"):
+        if getattr(args, field):
+            changes[field] = getattr(args, field)
     for field in ("latent", "nfe", "steps", "sample_batch", "boost_batch"):
         if getattr(args, field):
             changes[field] = getattr(args, field)
@@ -250,6 +255,67 @@ def part_train(s: Setup, dtype: str) -> list[dict]:
         out.append(fig)
         print(line(fig), flush=True)
     return out
+
+
+def part_step(s: Setup, dtype: str) -> list[dict]:
+    """The whole training step (VAE encoding, PSU, UNet, Adam, EMA) at each batch size."""
+    import jax
+
+    from fmboost_jax.cfm.model import CFM
+    from fmboost_jax.data import pipeline
+    from fmboost_jax.parallel import sharding
+    from fmboost_jax.train import setup
+    from fmboost_jax.train.meter import flops_of, peak_tflops
+    from fmboost_jax.train.state import create_train_state, make_optimizer
+    c = make_config(s, dtype)
+    device = jax.devices()[0]
+    mesh = sharding.make_mesh(c.mesh, [device])
+    cfm, tx = CFM.from_config(c), make_optimizer(c.optim)
+    params = random_params(cfm.init_params, jax.random.PRNGKey(0))
+    fs_params = random_params(cfm.first_stage.init_params, jax.random.PRNGKey(1))
+    state = create_train_state(params, tx, jax.random.PRNGKey(2))
+    jitted = setup.jit_train_step(cfm, tx, c, mesh, sharding.state_shardings(state, mesh, 0))
+    step_fn = StepWithVae(jitted, fs_params)
+    rng, out = np.random.default_rng(0), []
+    for b in sorted(s.step_batches):
+        (shape, dtype_of), = pipeline.batch_spec(c, b).values()
+        batch = {"image": rng.integers(0, 256, shape).astype(dtype_of)}
+        try:
+            state, compiled, compile_s, times = time_train_step(step_fn, state, batch, s)
+        except Exception as err:
+            if not out_of_memory(err):
+                raise
+            print(f"training step, batch {b}: out of memory ({first_line(err)}); larger "
+                  "batches skipped")
+            break
+        px = c.high_res_size
+        fig = figure("step", f"training step, batch {b}, {px}² px images", times, b, batch=b,
+                     compile_s=compile_s, peak_mib=peak_memory_mb(device),
+                     program_mib=program_mib(compiled.compiled))
+        fig.update(mfu_fields(flops_of(compiled.compiled), fig["ms"],
+                              peak_tflops(device.device_kind, dtype)))
+        out.append(fig)
+        print(line(fig), flush=True)
+    return out
+
+
+@dataclasses.dataclass
+class StepWithVae:
+    """`step(state, fs_params, batch)` as `time_train_step` calls it: (state, batch) ->
+    (state, loss), lowered and compiled with the VAE's params bound."""
+    step: Any
+    fs_params: Any
+    compiled: Any = None
+
+    def lower(self, state: Any, batch: dict) -> StepWithVae:
+        return dataclasses.replace(self, compiled=self.step.lower(state, self.fs_params, batch))
+
+    def compile(self) -> StepWithVae:
+        return dataclasses.replace(self, compiled=self.compiled.compile())
+
+    def __call__(self, state: Any, batch: dict) -> tuple[Any, Any]:
+        state, metrics = self.compiled(state, self.fs_params, batch)
+        return state, metrics["loss"]
 
 
 def part_torch(s: Setup, dtype: str, smoke: bool) -> list[dict]:
@@ -439,7 +505,7 @@ def measure(args: argparse.Namespace, part: str) -> list[dict]:
     s = setup_of(args)
     if part == "torch":
         return part_torch(s, args.dtype, args.smoke)
-    run = {"train": part_train, "sample": part_sample, "vae": part_vae,
+    run = {"train": part_train, "step": part_step, "sample": part_sample, "vae": part_vae,
            "boost": part_boost}[part]
     try:
         return run(s, args.dtype)
@@ -478,7 +544,7 @@ def child_argv(args: argparse.Namespace, part: str) -> list[str]:
     """This script's command line for one part."""
     argv = [sys.executable, __file__, f"--part={part}", f"--dtype={args.dtype}",
             f"--attention={args.attention}"]
-    for field in ("train_batches", "latent", "nfe", "steps", "sample_batch", "boost_batch"):
+    for field in ("train_batches", "step_batches", "latent", "nfe", "steps", "sample_batch", "boost_batch"):
         value = getattr(args, field)
         if value:
             value = joined(value) if isinstance(value, tuple) else value
@@ -529,6 +595,8 @@ def main() -> None:
                     help="the UNet's softmax attention (auto: cudnn on GPUs in bfloat16)")
     ap.add_argument("--train-batches", type=numbers(int), default=(),
                     help="comma-separated (default 8,32)")
+    ap.add_argument("--step-batches", type=numbers(int), default=(),
+                    help="of the whole training step, comma-separated (default 2,8)")
     ap.add_argument("--latent", type=int, default=0, help="high-res latent side (default 128)")
     ap.add_argument("--nfe", type=int, default=0, help="Euler steps (default 40)")
     ap.add_argument("--steps", type=int, default=0, help="timed training steps (default 10)")

@@ -133,9 +133,9 @@ def ratio_text(ours: float, ref: float, what: str) -> str:
 
 
 def reference_args(unet: dict) -> dict:
-    """`config.unet` as the reference network's arguments: without `attention`, which only says
-    how fmboost_jax computes softmax attention."""
-    return {k: v for k, v in unet.items() if k != "attention"}
+    """`config.unet` as the reference network's arguments: without `attention` and `remat`, which
+    only say how fmboost_jax computes the same network."""
+    return {k: v for k, v in unet.items() if k not in ("attention", "remat")}
 
 
 def torch_unet_calls(cfg: dict[str, Any], batch: dict[str, np.ndarray], device: str = "cpu",

@@ -59,14 +59,16 @@ def test_accelerator_benchmark_smoke():
     assert out.startswith("accelerator benchmark (smoke")
     assert re.search(r"\nmachine: \w+:.+ x\d+.*, cpu='.*' cores=\d+, jax \S+, python \S+.*; "
                      r"UNet attention: (einsum|cudnn)\n", out), out
-    for line in ("train step, batch 1,", "train step, batch 2,", "PyTorch step, batch 1,",
+    for line in ("train step, batch 1,", "train step, batch 2,", "training step, batch 1, 64² px",
+                 "PyTorch step, batch 1,",
                  "ratio fmboost_jax / PyTorch, batch 2:", "sample: 2 Euler NFE, batch 2,",
                  "VAE decode, one 64² image", "boost 32² -> 64² px, 2 Euler NFE, batch 1:"):
         assert line in out, (line, out)
     table = out[out.index("part    batch"):].splitlines()
     assert table[-1].startswith("total ")
     rows = [r.split(maxsplit=7) for r in table[2:-1]]
-    assert [r[0] for r in rows] == ["train", "train", "torch", "torch", "sample", "vae", "boost"]
+    assert [r[0] for r in rows] == ["train", "train", "step", "torch", "torch", "sample", "vae",
+                                   "boost"]
     ms = {}
     for part, batch, ms_call, ms_img, img_s, _, peak, _ in rows:   # the timings are real
         batch, ms_call, ms_img, img_s, peak = int(batch), *map(float, (ms_call, ms_img, img_s,
