@@ -11,7 +11,7 @@ only LHQ's data and the run's length. It expects
 - LHQ (90k landscape photos at 1024²) as a TFDS dataset in `config.data.path` (see README,
   "Data"), or precomputed latent records (`--config.data.name=latents`).
 The batch size and number of steps were not published; set them for your hardware
-(`--config.batch_size=...`).
+(`--config.batch_size=...`; `python -m fmboost_jax.plan` says what fits a TPU slice).
 
 `--config=configs/lhq.py:smoke` is the same code path (latent space, PSU, noising step 400,
 concat context) shrunk to run a few steps on a CPU with a narrow, randomly initialised VAE on
@@ -26,6 +26,11 @@ def get_config(arg: str | None = None):
     chosen = variants(arg, ("smoke", "regression"))
     c = base_config()
     c.data.update(name="tfds", tfds_name="lhq", path="~/tensorflow_datasets", worker_count=8)
+    # Params, EMA and Adam moments sharded over every device (FSDP), and the VAE coding one
+    # image at a time inside the step: 4 images per chip fit the 16 GiB of a v5e chip
+    # (`python -m fmboost_jax.plan --config=configs/lhq.py --topology=v5e-16`).
+    c.mesh = (("data", 1), ("fsdp", -1))
+    c.first_stage.micro_batch = 1
     if "smoke" in chosen:
         smoke(c, low_res=32, high_res=64)
     if "regression" in chosen:

@@ -94,8 +94,10 @@ def _abstract(tree: Any, shardings: Any) -> Any:
                         tree, shardings)
 
 
-def lower_train_step(config: ml_collections.ConfigDict, devices: list[Any], per_chip: int) -> Any:
-    """The training step of `config` lowered for `devices` at `per_chip` examples per device."""
+def train_step(config: ml_collections.ConfigDict, devices: list[Any], per_chip: int
+               ) -> tuple[Any, tuple[Any, Any, Any]]:
+    """The jitted training step of `config` for `devices`, and its abstract arguments (state,
+    first stage params, batch) at `per_chip` examples per device."""
     mesh = sharding.make_mesh(config.mesh, devices)
     cfm, tx = CFM.from_config(config), make_optimizer(config.optim)
     keys = (jax.random.PRNGKey(0), jax.random.PRNGKey(1))
@@ -105,9 +107,8 @@ def lower_train_step(config: ml_collections.ConfigDict, devices: list[Any], per_
     batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh))
              for k, (shape, dtype) in pipeline.batch_spec(config, per_chip * len(devices)).items()}
     step = setup.jit_train_step(cfm, tx, config, mesh, shardings)
-    return step.lower(_abstract(state, shardings),
-                      _abstract(fs_params, jax.tree.map(lambda _: sharding.replicated(mesh),
-                                                        fs_params)), batch)
+    replicated = jax.tree.map(lambda _: sharding.replicated(mesh), fs_params)
+    return step, (_abstract(state, shardings), _abstract(fs_params, replicated), batch)
 
 
 def lower_boost(config: ml_collections.ConfigDict, devices: list[Any], per_chip: int) -> Any:
@@ -227,6 +228,16 @@ def fit(usage_at: Callable[[int], Usage | None], batch: int, capacity: int,
     return Fit(batch, u, max(largest, 0))
 
 
+def train_usage(config: ml_collections.ConfigDict, planner: Planner, per_chip: int
+                ) -> Usage | None:
+    """The training step's usage at `per_chip` examples per chip (its FLOPs counted in full
+    where XLA counts a loop once: `setup.train_step_flops`)."""
+    step, args = train_step(config, planner.devices, per_chip)
+    u = planner.usage(f"training step at per-chip batch {per_chip}", step.lower(*args))
+    return u and dataclasses.replace(u, flops=setup.train_step_flops(
+        config, len(planner.devices), u.flops, *args) or 0.0)
+
+
 def _say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -246,9 +257,7 @@ def plan(config: ml_collections.ConfigDict, name: str, s: tpu.TpuSlice, boost: b
     print(f"{name} on {s.name}: {s.chips} chips ({s.topology}), {capacity / GiB:.2f} GiB of HBM "
           f"per chip for programs; mesh {mesh}, batch {config.batch_size} ({per_chip} per chip), "
           f"{config.high_res_size}² px, dtype {config.dtype}", flush=True)
-    train = fit(lambda b: planner.usage(f"training step at per-chip batch {b}",
-                                        lower_train_step(config, planner.devices, b)),
-                per_chip, capacity, largest)
+    train = fit(lambda b: train_usage(config, planner, b), per_chip, capacity, largest)
     print(f"training step: {train.line(capacity)}", flush=True)
     if boost:
         up = fit(lambda b: planner.usage(f"boost of {b} image(s) per chip",

@@ -188,6 +188,24 @@ def jit_train_step(cfm: CFM, tx: optax.GradientTransformation, config: ml_collec
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
+def train_step_flops(config: ml_collections.ConfigDict, num_devices: int, counted: float | None,
+                     *args: Any) -> float | None:
+    """FLOPs per device of one training step on `args` (state, first stage params, batch; arrays
+    or shapes), given XLA's count for the compiled step, `counted`. XLA counts a loop's body
+    once: with the first stage coding in micro-batches (a loop), the count is the same step's
+    without them, lowered (not compiled) unsharded on the default backend, split over
+    `num_devices`."""
+    if config.first_stage.micro_batch <= 0:
+        return counted
+    whole = config.copy_and_resolve_references()
+    with whole.unlocked():
+        whole.first_stage.micro_batch = 0
+    step = make_train_step(CFM.from_config(whole), make_optimizer(whole.optim), whole)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+    flops = flops_of(jax.jit(step).lower(*shapes))
+    return flops / num_devices if flops else None
+
+
 def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Mesh, model, state (auto-resumed), data, evaluator and the compiled update step."""
     mesh = sharding_lib.make_mesh(config.mesh)
@@ -206,6 +224,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     train_step = jit_train_step(cfm, tx, config, mesh, shardings).lower(
         state, fs_params, first_batch).compile()
     peak = peak_tflops(jax.devices()[0].device_kind, jnp.dtype(cfm.unet.dtype).name)
-    meter = Meter(config.batch_size, mesh.size, config.total_steps, flops_of(train_step), peak)
+    flops = train_step_flops(config, mesh.size, flops_of(train_step), state, fs_params,
+                             first_batch)
+    meter = Meter(config.batch_size, mesh.size, config.total_steps, flops, peak)
     return Run(config, mesh, cfm, fs_params, state, train_iter, first_batch, train_step,
                evaluator, mngr, meter, eval_rng)

@@ -73,7 +73,8 @@ def test_every_console_script_names_a_function_of_its_module():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
     assert set(scripts) == {"fmboost-train", "fmboost-convert", "fmboost-precompute",
-                            "fmboost-prepare", "fmboost-upsample", "fmboost-evaluate"}
+                            "fmboost-prepare", "fmboost-upsample", "fmboost-evaluate",
+                            "fmboost-plan"}
     for target in scripts.values():      # read, not imported: each module defines absl flags
         module, _, name = target.partition(":")
         with open(importlib.util.find_spec(module).origin) as f:
