@@ -37,9 +37,13 @@ print(os.environ.get("XLA_FLAGS", ""))
 """
 
 
+def _child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.ENV_VAR)}
+
+
 def _run(tmp_path, name, **env):
     path = str(tmp_path / f"{name}.npz")
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.ENV_VAR)} | env
+    env = _child_env() | env
     proc = subprocess.run([sys.executable, "-c", CHILD, path], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -64,8 +68,11 @@ def test_flags_follow_the_switch_the_jaxlib_and_the_users_flags():
 def test_unet_outputs_and_gradients_agree_with_and_without_the_flags(tmp_path):
     tuned, tuned_flags = _run(tmp_path, "tuned")
     plain, plain_flags = _run(tmp_path, "plain", FMBOOST_XLA_CPU="off")
-    if xla_cpu.flags_to_add({}, xla_cpu._jaxlib_version(), xla_cpu._accelerator_installed()):
+    if xla_cpu.flags_to_add(_child_env(), xla_cpu._jaxlib_version(),
+                            xla_cpu._accelerator_installed()):
         assert xla_cpu.FLAGS[0] in tuned_flags
+    else:
+        assert tuned_flags == ""
     assert plain_flags == ""
     assert tuned.files == plain.files and len(tuned.files) > 40
     for name in tuned.files:
