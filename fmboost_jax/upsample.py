@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm.auto import tqdm
 
 from fmboost_jax import cli, compile_cache, paths
@@ -41,6 +41,7 @@ from fmboost_jax.config import MAX_PIXELS
 from fmboost_jax.data import images as images_lib
 from fmboost_jax.data.sources import list_images
 from fmboost_jax.errors import UserError
+from fmboost_jax.inference import side_by_side
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,17 +102,6 @@ def save_png(image: np.ndarray, path: str, gray: bool = False) -> None:
     img = Image.fromarray(image)
     with paths.atomic_write(path) as f:
         (img.convert("L") if gray else img).save(f, format="PNG")
-
-
-def comparison(panels: dict[str, np.ndarray]) -> np.ndarray:
-    """Same-size uint8 (H, W, 3) images side by side, each labelled in its top-left corner."""
-    row = Image.fromarray(np.concatenate(list(panels.values()), axis=1))
-    draw = ImageDraw.Draw(row)
-    for i, (label, img) in enumerate(panels.items()):
-        x = i * img.shape[1]
-        draw.rectangle((x, 0, x + 6 * len(label) + 6, 14), fill=(0, 0, 0))
-        draw.text((x + 3, 2), label, fill=(255, 255, 255))
-    return np.asarray(row)
 
 
 def _batches(files: Sequence[str], batch_size: int, skipped: list[str], max_pixels: int
@@ -194,7 +184,7 @@ def run(args: argparse.Namespace, overrides: dict[str, dict[str, str]]) -> dict[
     model = load_model(args)
     sampler = sampler_options(model, args, overrides)
     skipped: list[str] = []
-    written, start, scores = 0, time.perf_counter(), Scores()
+    written, start, scores = 0, time.perf_counter(), side_by_side.Scores()
     bar = tqdm(total=len(files), desc="upsample", unit="img", dynamic_ncols=True)
     for first, names, lowres in _batches(files, args.batch_size, skipped, max_pixels):
         bar.update(len(names))
@@ -202,7 +192,8 @@ def run(args: argparse.Namespace, overrides: dict[str, dict[str, str]]) -> dict[
         if not missing:
             continue
         try:
-            truth, lowres = _ground_truth(model, lowres) if args.ground_truth else (None, lowres)
+            truth, lowres = (side_by_side.ground_truth(model, lowres) if args.ground_truth
+                              else (None, lowres))
             h, w = model.output_size(lowres.shape[1], lowres.shape[2])
         except UserError as err:
             skipped += [f"{n}: {err}" for n in names]
@@ -210,7 +201,7 @@ def run(args: argparse.Namespace, overrides: dict[str, dict[str, str]]) -> dict[
                 raise UserError(f"--input {args.input!r}: {err}") from None
             continue
         out = _boost(model, lowres, _key(args.seed, first), sampler)
-        panels = _panels(lowres, (h, w), out.images, truth)
+        panels = side_by_side.panels(lowres, (h, w), out.images, truth)
         if truth is not None:
             shown = [relative(n, root) if root else args.input for n in names]
             scores.add(shown, truth, **{k: images_lib.to_float(panels[k])    # as written
@@ -236,15 +227,6 @@ def _key(seed: int, first: int):
     return jax.random.fold_in(jax.random.PRNGKey(seed), first)
 
 
-def _panels(lowres: np.ndarray, size: tuple[int, int], cfm: Any, truth: Any
-            ) -> dict[str, np.ndarray]:
-    """The bicubic resize, the boost and (if given) the ground truth, uint8 (B, H, W, 3)."""
-    from fmboost_jax.cfm.upsampling import resize
-    panels = {"bicubic": resize(lowres, size, "bicubic"), "CFM": cfm, "ground truth": truth}
-    return {k: images_lib.to_uint8(np.asarray(v).clip(-1, 1))
-            for k, v in panels.items() if v is not None}
-
-
 def _write(panels: dict[str, np.ndarray], rows: list[tuple[int, str]], lowres: np.ndarray,
            compare: bool) -> None:
     """Row j of the boost to its path (grayscale for grayscale inputs), and the comparison."""
@@ -252,43 +234,8 @@ def _write(panels: dict[str, np.ndarray], rows: list[tuple[int, str]], lowres: n
     for j, dst in rows:
         save_png(panels["CFM"][j], dst, gray[j])
         if compare:
-            save_png(comparison({k: v[j] for k, v in panels.items()}),
+            save_png(side_by_side.comparison({k: v[j] for k, v in panels.items()}),
                      os.path.splitext(dst)[0] + "_compare.png", gray[j])
-
-
-def _ground_truth(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """High-res images -> (the centre crop of the largest size the model makes, its low-res
-    input made as in training); ValueError for images too small for the model."""
-    from fmboost_jax.inference.upsampler import largest_output
-    h, w = largest_output(model, images.shape[1], images.shape[2])
-    if not (h and w):
-        raise UserError(f"a {images.shape[1]}x{images.shape[2]} image is too small for the "
-                         f"model's smallest output")
-    y, x = (images.shape[1] - h) // 2, (images.shape[2] - w) // 2
-    truth = images[:, y:y + h, x:x + w]
-    return truth, np.asarray(model.downsample(truth))
-
-
-class Scores:
-    """Per-image PSNR and SSIM of several methods against the ground truth."""
-
-    def __init__(self):
-        self.rows: dict[str, dict[str, tuple[float, float]]] = {}   # name -> method -> scores
-
-    def add(self, names: Sequence[str], truth: np.ndarray, **methods) -> None:
-        from fmboost_jax.evaluation import metrics
-        for method, images in methods.items():
-            psnr, ssim = np.asarray(metrics.psnr(images, truth)), np.asarray(metrics.ssim(images, truth))
-            for name, p, q in zip(names, psnr, ssim):
-                self.rows.setdefault(name, {})[method] = (float(p), float(q))
-
-    def lines(self) -> list[str]:
-        """One line per image, then the means."""
-        line = lambda scores: ", ".join(f"{m} {p:.2f} dB / SSIM {q:.3f}" for m, (p, q) in scores.items())
-        means = {m: tuple(np.mean([r[m] for r in self.rows.values()], axis=0))
-                 for m in next(iter(self.rows.values()), {})}
-        return ([f"{name}: {line(scores)}" for name, scores in self.rows.items()]
-                + [f"mean of {len(self.rows)} images against the ground truth: {line(means)}"])
 
 
 def load_model(args: argparse.Namespace):
