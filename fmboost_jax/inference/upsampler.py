@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from typing import Any
 
 import jax
@@ -47,6 +48,7 @@ class Upsampler:
     memory_limit: int | None = None    # bytes per device a boost may use (None: what is free)
     batch_size: int = 1                # smaller batches are padded to it: one program for all
     step: int | None = None            # the training step of the params (None: unknown)
+    compile_seconds: float = 0.0       # of the last call: 0.0 when its program was compiled before
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -96,12 +98,15 @@ class Upsampler:
         rng = jax.random.PRNGKey(0) if rng is None else rng
         n, x = x.shape[0], _split_over_local_devices(x, self.batch_size)
         key = (latents, *sorted(options.items()), x.shape)
+        self.compile_seconds = 0.0
         if key not in self._compiled:
+            start = time.perf_counter()
             fn = sampling.make_sample_fn(self.cfm, latents=latents, **options)
             compiled = fn.lower(self.params, self.fs_params, x, rng).compile()
             devices = jax.local_device_count()
             memory.check_fits(compiled, x.shape[0] // devices, devices, self.memory_limit)
             self._compiled[key] = compiled
+            self.compile_seconds = time.perf_counter() - start
         out = self._compiled[key](self.params, self.fs_params, x, rng)
         rows = lambda a: None if a is None else a[:n]           # drop the padding rows
         return out._replace(images=rows(out.images), latents=rows(out.latents),
