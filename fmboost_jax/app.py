@@ -342,21 +342,24 @@ def page(booster: Booster, defaults: Options, guided: bool, examples: Sequence[s
                 button = gr.Button("Boost", variant="primary", elem_id="boost")
             with gr.Column():
                 slider = gr.ImageSlider(label="bicubic | CFM", type="numpy", format="png",
-                                        elem_id="slider")
-                gallery = gr.Gallery(label="Side by side", format="png", elem_id="side-by-side")
+                                        max_height=420, elem_id="slider")
+                gallery = gr.Gallery(label="Side by side", format="png", height=280,
+                                     object_fit="contain", elem_id="side-by-side")
                 figures = gr.Markdown(elem_id="figures")
                 download = gr.File(label="Full-resolution PNG", file_count="multiple",
                                    elem_id="download")
         controls = [files, solver, steps, seed, guidance, dtype, truth]
         for control in controls:
             control.change(lambda *a: estimate_text(booster, *a), controls, expected,
-                           queue=False)
+                           queue=False, api_visibility="private")
 
         def on_boost(*values, progress=gr.Progress()):  # noqa: B008 (how Gradio asks for it)
             return boost_outputs(booster, *values, progress=progress)
 
-        button.click(on_boost, controls, [slider, gallery, figures, download],
-                     api_name="boost", concurrency_limit=1)
+        outputs = [slider, gallery, figures, download]
+        cleared = lambda: (None, [], "", None)   # no earlier result beside a new one or an error
+        button.click(cleared, None, outputs, queue=False, api_visibility="private").then(
+            on_boost, controls, outputs, api_name="boost", concurrency_limit=1)
     return blocks.queue(default_concurrency_limit=1)
 
 
@@ -394,8 +397,8 @@ def serve(args: argparse.Namespace) -> Any:
     if not args.no_warm_up:
         booster.warm_up(defaults)
     guided = model.config.coupling.context_dropout > 0
-    title = (f"`{args.model}`: {model.upscale}× ({model.config.first_stage.name}), "
-             f"step {model.step}")
+    title = (f"`{os.path.basename(args.model.rstrip('/'))}`: {model.upscale}× "
+             f"({model.config.first_stage.name}), step {model.step}")
     blocks = page(booster, defaults, guided, example_photos(booster.out_dir), title)
     blocks.launch(server_name=args.host, server_port=args.port or None, share=args.share,
                   prevent_thread_lock=True, allowed_paths=[booster.out_dir], quiet=True)

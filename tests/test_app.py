@@ -2,6 +2,7 @@
 refusals, and the served page called through its API as scripts call it (gradio_client)."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from fmboost_jax.errors import UserError
 from fmboost_jax.inference.upsampler import load_upsampler
 
 OPTIONS = app.Options("euler", 2, seed=3)
+BROWSER_INSTALL = "apt-get install -y chromium chromium-driver (Debian)"
 
 
 @pytest.fixture(scope="module")
@@ -115,38 +117,124 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_the_page_serves_boosts_through_its_api_and_survives_a_bad_upload(tiny_workdir, photos,
-                                                                          tmp_path):
-    from gradio_client import Client, handle_file
+@pytest.fixture(scope="module")
+def page(tiny_workdir):
+    """`python -m fmboost_jax.app` serving the tiny model on a free loopback port: its URL."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "fmboost_jax.app", "--model", tiny_workdir,
                              "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False"))
     try:
-        line = ""
-        deadline = time.time() + 240
+        line, deadline = "", time.time() + 240
         while "fmboost_jax page:" not in line:
             line = proc.stdout.readline()
             assert line or proc.poll() is None, "the app ended before serving"
             assert time.time() < deadline, "the page did not come up"
         assert f"http://127.0.0.1:{port}/" in line
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path))
-        args = ("euler", 2, OPTIONS.seed, 1.0, "float32", False)
-        slider, gallery, figures, pngs = client.predict([handle_file(photos["face"])], *args,
-                                                        api_name="/boost")
-        assert "128×96 px, 2 NFE" in figures and len(gallery) == 1
-        boosted = np.asarray(Image.open(pngs[0]))
-        np.testing.assert_array_equal(boosted, upsampler_result(tiny_workdir, photos["face"],
-                                                                OPTIONS))
-        np.testing.assert_array_equal(np.asarray(Image.open(slider[1]).convert("RGB")), boosted)
-        with pytest.raises(Exception, match=r"notes\.png: not a readable image"):
-            client.predict([handle_file(photos["notes"])], *args, api_name="/boost")
-        *_, pngs = client.predict([handle_file(photos["face"])], *args, api_name="/boost")
-        np.testing.assert_array_equal(np.asarray(Image.open(pngs[0])), boosted)
+        yield f"http://127.0.0.1:{port}/"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_page_serves_boosts_through_its_api_and_survives_a_bad_upload(page, tiny_workdir,
+                                                                          photos, tmp_path):
+    from gradio_client import Client, handle_file
+    client = Client(page, verbose=False, download_files=str(tmp_path))
+    args = ("euler", 2, OPTIONS.seed, 1.0, "float32", False)
+    slider, gallery, figures, pngs = client.predict([handle_file(photos["face"])], *args,
+                                                    api_name="/boost")
+    assert "128×96 px, 2 NFE" in figures and len(gallery) == 1
+    boosted = np.asarray(Image.open(pngs[0]))
+    np.testing.assert_array_equal(boosted, upsampler_result(tiny_workdir, photos["face"],
+                                                            OPTIONS))
+    np.testing.assert_array_equal(np.asarray(Image.open(slider[1]).convert("RGB")), boosted)
+    with pytest.raises(Exception, match=r"notes\.png: not a readable image"):
+        client.predict([handle_file(photos["notes"])], *args, api_name="/boost")
+    *_, pngs = client.predict([handle_file(photos["face"])], *args, api_name="/boost")
+    np.testing.assert_array_equal(np.asarray(Image.open(pngs[0])), boosted)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Chromium (Debian's `chromium` and `chromium-driver`) driven by Selenium, saving
+    downloads to its `downloads` folder."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        reason = f"needs a browser: {BROWSER_INSTALL}"
+        if os.environ.get("FMBOOST_BROWSER_TESTS") == "required":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    from selenium import webdriver
+    downloads = tmp_path_factory.mktemp("downloads")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                "--window-size=1280,1000"):
+        options.add_argument(arg)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
+    chrome = webdriver.Chrome(options=options, service=webdriver.ChromeService(driver))
+    chrome.downloads = downloads
+    yield chrome
+    chrome.quit()
+
+
+def _upload(browser, wait, path):
+    """Clears the page's uploads and uploads `path` through the file input, as a drop does."""
+    from selenium.webdriver.common.by import By
+    for clear in browser.find_elements(By.CSS_SELECTOR, "#inputs button[aria-label='Clear']"):
+        clear.click()
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#inputs input[type=file]"))
+    browser.find_element(By.CSS_SELECTOR, "#inputs input[type=file]").send_keys(path)
+
+
+def _downloaded(folder, name, timeout=60):
+    path, deadline = os.path.join(folder, name), time.time() + timeout
+    while not os.path.exists(path):
+        assert time.time() < deadline, f"{name} was not downloaded: {os.listdir(folder)}"
+        time.sleep(0.2)
+    return path
+
+
+def test_a_person_boosts_a_photo_in_a_real_browser(page, browser, tiny_workdir, photos):
+    """Upload, Boost, wait, download: 4x the upload and equal to the Upsampler's boost; a text
+    file named .png shows its error on the page, and the next good upload still boosts."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    wait = WebDriverWait(browser, 180)
+    text = lambda element_id: browser.find_element(By.ID, element_id).text
+    browser.get(page)
+    _upload(browser, wait, photos["face"])
+    wait.until(lambda d: text("estimate").startswith(("Expected", "No estimate")))
+    browser.find_element(By.ID, "boost").click()
+    wait.until(lambda d: "NFE" in text("figures"))
+    assert "face.png: 128×96 px, 2 NFE" in text("figures")
+    shot = os.environ.get("FMBOOST_APP_SCREENSHOT")       # docs/app.png is made this way
+    if shot:
+        browser.execute_script("window.scrollTo(0, 0)")
+        browser.save_screenshot(shot)
+    browser.find_element(By.CSS_SELECTOR, "#download a[download]").click()
+    png = np.asarray(Image.open(_downloaded(browser.downloads, "face_128x96.png")))
+    assert png.shape == (96, 128, 3)                              # 4x the 24x32 upload
+    np.testing.assert_array_equal(png, upsampler_result(tiny_workdir, photos["face"],
+                                                        app.Options("euler", 2)))   # seed 0
+
+    _upload(browser, wait, photos["notes"])
+    wait.until(lambda d: "not a readable image" in text("estimate"))
+    browser.find_element(By.ID, "boost").click()
+    toast = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".toast-body"))
+    assert "notes.png: not a readable image" in toast[0].text
+    assert text("figures") == "" and not browser.find_elements(By.CSS_SELECTOR, "#download a")
+    os.remove(os.path.join(browser.downloads, "face_128x96.png"))
+    _upload(browser, wait, photos["face"])
+    wait.until(lambda d: text("estimate").startswith("Expected"))
+    browser.find_element(By.ID, "boost").click()
+    wait.until(lambda d: "NFE" in text("figures"))       # cleared by the error, shown anew
+    browser.find_element(By.CSS_SELECTOR, "#download a[download]").click()
+    again = np.asarray(Image.open(_downloaded(browser.downloads, "face_128x96.png")))
+    np.testing.assert_array_equal(again, png)
 
 
 def test_without_gradio_the_page_says_what_to_install(tiny_workdir):
