@@ -74,7 +74,7 @@ def test_every_console_script_names_a_function_of_its_module():
         scripts = tomllib.load(f)["project"]["scripts"]
     assert set(scripts) == {"fmboost-train", "fmboost-convert", "fmboost-precompute",
                             "fmboost-prepare", "fmboost-upsample", "fmboost-evaluate",
-                            "fmboost-plan"}
+                            "fmboost-plan", "fmboost-app"}
     for target in scripts.values():      # read, not imported: each module defines absl flags
         module, _, name = target.partition(":")
         with open(importlib.util.find_spec(module).origin) as f:
