@@ -9,8 +9,10 @@ the full-resolution PNGs are offered for download. "Ground truth" takes the uplo
 high-res truth (centre-cropped, down-sampled as in training, boosted) and shows PSNR and SSIM of
 CFM and bicubic. Before a boost starts the page shows what it should take on this machine (the
 rate measured by a warm-up boost at start and by every boost since) and refuses boosts over
-`--max_seconds`; images over `--max_pixels`, sizes the network cannot take, boosts that do not
-fit the device's memory and files that are not images are refused with one line on the page.
+`--max_seconds`; inputs larger than `--tile` low-res pixels are boosted in overlapping tiles,
+one at a time, the progress bar counting them; images over `--max_pixels`, sizes the network
+cannot take, boosts that do not fit the device's memory and files that are not images are
+refused with one line on the page.
 One boost runs at a time (a queue); programs are compiled once per size and options and kept in
 JAX's persistent compilation cache. Binds to 127.0.0.1 unless `--host` says otherwise; `--share`
 makes a public Gradio link only when asked. Gradio is optional: `pip install "gradio>=6.20,<7"`.
@@ -36,13 +38,14 @@ from fmboost_jax.cfm.sampling import SOLVERS
 from fmboost_jax.config import MAX_PIXELS
 from fmboost_jax.data import images as images_lib
 from fmboost_jax.errors import UserError
-from fmboost_jax.inference import side_by_side
+from fmboost_jax.inference import side_by_side, tiles
 
 GRADIO = "gradio>=6.20,<7"
 MAX_SECONDS = 300.0                 # default --max_seconds: keeps a CPU page responsive
 DTYPES = ("float32", "bfloat16")
 EXAMPLES = ("chelsea", "coffee", "rocket")   # scikit-image photos, shrunk to EXAMPLE_SIDE
 EXAMPLE_SIDE = 96
+TILE, TILE_OVERLAP = 128, 16        # larger low-res inputs are boosted in tiles of this many px
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,9 +114,11 @@ class Booster:
     boosts them with the `Upsampler` that `load(dtype)` returns (loaded once per dtype)."""
 
     def __init__(self, load: Callable[[str], Any], max_pixels: int = MAX_PIXELS,
-                 max_seconds: float = MAX_SECONDS, out_dir: str | None = None):
+                 max_seconds: float = MAX_SECONDS, out_dir: str | None = None,
+                 tile: int = TILE, overlap: int = TILE_OVERLAP):
         self._load, self._models = load, {}
         self.max_pixels, self.max_seconds = max_pixels, max_seconds
+        self.tile, self.overlap = tile, overlap     # tile 0: every image in one call
         self.out_dir = out_dir or tempfile.mkdtemp(prefix="fmboost_app_")
         self.rates, self.nfe_seen, self.compiled = Rates(), {}, set()
 
@@ -147,19 +152,30 @@ class Booster:
             out.append((name, x, truth))
         return out
 
-    def _key(self, x: np.ndarray, o: Options) -> tuple:
-        return (o.dtype, x.shape, o.solver, o.num_steps, o.guidance_scale)
+    def _key(self, shape: tuple[int, ...], o: Options) -> tuple:
+        return (o.dtype, shape, o.solver, o.num_steps, o.guidance_scale)
+
+    def calls(self, x: np.ndarray) -> tuple[tuple[int, ...], int]:
+        """The input shape of each call that boosts `x` (1, h, w, 3), and how many calls: one,
+        or one per tile when `x` is larger than `tile`."""
+        h, w = x.shape[1:3]
+        if not self.tile or max(h, w) <= self.tile:
+            return x.shape, 1
+        return ((1, min(h, self.tile), min(w, self.tile), 3),
+                tiles.tile_count(h, w, self.tile, self.overlap))
 
     def seconds(self, model: Any, items: list, o: Options) -> float | None:
         """The expected seconds of boosting `items` with `o` (None: nothing measured yet)."""
         evals = evaluations(o.solver, o.num_steps, o.guidance_scale != 1.0, self.nfe_seen)
         total, keys = 0.0, set(self.compiled)
         for _, x, _ in items:
-            h, w = model.output_size(x.shape[1], x.shape[2])
-            s = self.rates.seconds(o.dtype, h * w, evals, self._key(x, o) in keys)
-            if s is None:
+            shape, n = self.calls(x)
+            h, w = model.output_size(shape[1], shape[2])
+            first = self.rates.seconds(o.dtype, h * w, evals, self._key(shape, o) in keys)
+            rest = self.rates.seconds(o.dtype, h * w, evals, True)
+            if first is None:
                 return None
-            total, keys = total + s, keys | {self._key(x, o)}
+            total, keys = total + first + (n - 1) * rest, keys | {self._key(shape, o)}
         return total
 
     def estimate(self, files: Sequence[str], o: Options) -> float | None:
@@ -183,22 +199,33 @@ class Booster:
         for i, (name, x, truth) in enumerate(items):
             if progress:
                 progress(i, len(items), name)
-            out.append(self._one(model, i, name, x, truth, o, sampler))
+            tile_progress = progress and (lambda t, n, name=name: progress(
+                t, n, f"{name}, tile {t + 1} of {n}"))
+            out.append(self._one(model, i, name, x, truth, o, sampler, tile_progress))
         return out
 
     def _one(self, model: Any, i: int, name: str, x: np.ndarray, truth: np.ndarray | None,
-             o: Options, sampler: dict[str, Any]) -> Boosted:
+             o: Options, sampler: dict[str, Any],
+             progress: Callable[[int, int], None] | None = None) -> Boosted:
         import jax
+        rng = jax.random.fold_in(jax.random.PRNGKey(o.seed), i)
+        shape, n = self.calls(x)
         start = time.perf_counter()
-        result = model(x, jax.random.fold_in(jax.random.PRNGKey(o.seed), i), **sampler)
-        images = np.asarray(result.images)
-        seconds, compile_s = time.perf_counter() - start, model.compile_seconds
-        nfe = int(np.max(result.stats.get("nfe", 1)))
+        if n == 1:
+            result = model(x, rng, **sampler)
+            images, compile_s = np.asarray(result.images), model.compile_seconds
+            nfe = int(np.max(result.stats.get("nfe", 1)))
+        else:
+            images, nfe, compile_s = tiles.boost_in_tiles(model, x, self.tile, self.overlap, rng,
+                                                          progress, **sampler)
+        seconds = time.perf_counter() - start
         self.nfe_seen[o.solver] = nfe
-        self.compiled.add(self._key(x, o))
+        self.compiled.add(self._key(shape, o))
         h, w = images.shape[1:3]
         guided = 2 if o.guidance_scale != 1.0 else 1
-        self.rates.add(o.dtype, h * w, nfe * guided, seconds - compile_s, compile_s)
+        px = model.output_size(shape[1], shape[2])
+        self.rates.add(o.dtype, px[0] * px[1], nfe * guided, (seconds - compile_s) / n,
+                       compile_s)
         shown = side_by_side.panels(x, (h, w), images, truth)
         png = self._save(shown["CFM"][0], name, w, h)
         scores = ""
@@ -375,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse uploads with more pixels, before decoding them")
     p.add_argument("--max_seconds", type=float, default=MAX_SECONDS,
                    help="refuse boosts expected to take longer on this machine")
+    p.add_argument("--tile", type=cli.at_least(0), default=TILE,
+                   help="boost low-res inputs larger than this many pixels in overlapping tiles "
+                        "of this size, one at a time (0: whole)")
+    p.add_argument("--tile_overlap", type=cli.at_least(0), default=TILE_OVERLAP,
+                   help="pixels that neighbouring tiles share, blended")
     p.add_argument("--no_warm_up", action="store_true",
                    help="skip the small boost at start that measures this machine's rate")
     cli.add_compile_cache_argument(p)
@@ -390,7 +422,7 @@ def serve(args: argparse.Namespace) -> Any:
     dtype = args.dtype or "float32"
     booster = Booster(lambda d: model if d == dtype else load_upsampler(
         args.model, args.config, vae=args.vae, dtype=d, step=args.step),
-        args.max_pixels, args.max_seconds)
+        args.max_pixels, args.max_seconds, tile=args.tile, overlap=args.tile_overlap)
     booster._models[dtype] = model
     s = model.config.sampling
     defaults = Options(s.solver, s.num_steps, 0, s.guidance_scale, dtype)
