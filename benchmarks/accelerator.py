@@ -279,7 +279,8 @@ def part_step(s: Setup, dtype: str) -> list[dict]:
     rng, out = np.random.default_rng(0), []
     for b in sorted(s.step_batches):
         (shape, dtype_of), = pipeline.batch_spec(c, b).values()
-        batch = {"image": rng.integers(0, 256, shape).astype(dtype_of)}
+        batch = jax.device_put({"image": rng.integers(0, 256, shape).astype(dtype_of)},
+                               sharding.batch_sharding(mesh))      # on the device, as in training
         try:
             state, compiled, compile_s, times = time_train_step(step_fn, state, batch, s)
         except Exception as err:

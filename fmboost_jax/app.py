@@ -24,8 +24,10 @@ import argparse
 import dataclasses
 import math
 import os
+import shutil
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -45,6 +47,7 @@ MAX_SECONDS = 300.0                 # default --max_seconds: keeps a CPU page re
 DTYPES = ("float32", "bfloat16")
 EXAMPLES = ("chelsea", "coffee", "rocket")   # scikit-image photos, shrunk to EXAMPLE_SIDE
 EXAMPLE_SIDE = 96
+MAX_UPLOAD = "100mb"                # per uploaded file (Gradio's limit; pixels: --max_pixels)
 TILE, TILE_OVERLAP = 128, 16        # larger low-res inputs are boosted in tiles of this many px
 
 
@@ -121,11 +124,15 @@ class Booster:
         self.tile, self.overlap = tile, overlap     # tile 0: every image in one call
         self.out_dir = out_dir or tempfile.mkdtemp(prefix="fmboost_app_")
         self.rates, self.nfe_seen, self.compiled = Rates(), {}, set()
+        # The page estimates (outside the queue) while a boost runs: one lock for the models
+        # and the measurements.
+        self._lock = threading.RLock()
 
     def model(self, dtype: str) -> Any:
-        if dtype not in self._models:
-            self._models[dtype] = self._load(dtype)
-        return self._models[dtype]
+        with self._lock:
+            if dtype not in self._models:
+                self._models[dtype] = self._load(dtype)
+            return self._models[dtype]
 
     def read(self, files: Sequence[str]) -> list[tuple[str, np.ndarray]]:
         """Uploaded files -> (name, image (h, w, 3) in [-1, 1]); `BadImage` names the file."""
@@ -146,7 +153,8 @@ class Booster:
             try:
                 truth, x = (side_by_side.ground_truth(model, image[None]) if ground_truth
                             else (None, image[None]))
-                model.output_size(x.shape[1], x.shape[2])
+                shape, _ = self.calls(x)                 # a tiled input: each tile's size
+                model.output_size(shape[1], shape[2])
             except ValueError as err:                # UserError, or a size the UNet cannot take
                 raise UserError(f"{name}: {err}") from None
             out.append((name, x, truth))
@@ -166,6 +174,10 @@ class Booster:
 
     def seconds(self, model: Any, items: list, o: Options) -> float | None:
         """The expected seconds of boosting `items` with `o` (None: nothing measured yet)."""
+        with self._lock:
+            return self._seconds(model, items, o)
+
+    def _seconds(self, model: Any, items: list, o: Options) -> float | None:
         evals = evaluations(o.solver, o.num_steps, o.guidance_scale != 1.0, self.nfe_seen)
         total, keys = 0.0, set(self.compiled)
         for _, x, _ in items:
@@ -219,13 +231,14 @@ class Booster:
             images, nfe, compile_s = tiles.boost_in_tiles(model, x, self.tile, self.overlap, rng,
                                                           progress, **sampler)
         seconds = time.perf_counter() - start
-        self.nfe_seen[o.solver] = nfe
-        self.compiled.add(self._key(shape, o))
-        h, w = images.shape[1:3]
         guided = 2 if o.guidance_scale != 1.0 else 1
         px = model.output_size(shape[1], shape[2])
-        self.rates.add(o.dtype, px[0] * px[1], nfe * guided, (seconds - compile_s) / n,
-                       compile_s)
+        with self._lock:
+            self.nfe_seen[o.solver] = nfe
+            self.compiled.add(self._key(shape, o))
+            self.rates.add(o.dtype, px[0] * px[1], nfe * guided, (seconds - compile_s) / n,
+                           compile_s)
+        h, w = images.shape[1:3]
         shown = side_by_side.panels(x, (h, w), images, truth)
         png = self._save(shown["CFM"][0], name, w, h)
         scores = ""
@@ -301,7 +314,7 @@ def solvers(model: Any) -> list[str]:
 
 def _options(solver: str, num_steps: float, seed: float, guidance: float, dtype: str,
              truth: bool) -> Options:
-    return Options(solver, int(num_steps), int(seed), float(guidance), dtype, bool(truth))
+    return Options(solver, int(num_steps), int(seed or 0), float(guidance), dtype, bool(truth))
 
 
 def _paths(files: Any) -> list[str]:
@@ -419,11 +432,10 @@ def serve(args: argparse.Namespace) -> Any:
     require_gradio()
     model = load_upsampler(args.model, args.config, vae=args.vae, dtype=args.dtype,
                            step=args.step)
-    dtype = args.dtype or "float32"
+    dtype = np.dtype(model.cfm.unet.dtype).name          # "auto" resolved for this device
     booster = Booster(lambda d: model if d == dtype else load_upsampler(
         args.model, args.config, vae=args.vae, dtype=d, step=args.step),
         args.max_pixels, args.max_seconds, tile=args.tile, overlap=args.tile_overlap)
-    booster._models[dtype] = model
     s = model.config.sampling
     defaults = Options(s.solver, s.num_steps, 0, s.guidance_scale, dtype)
     if not args.no_warm_up:
@@ -433,13 +445,18 @@ def serve(args: argparse.Namespace) -> Any:
              f"({model.config.first_stage.name}), step {model.step}")
     blocks = page(booster, defaults, guided, example_photos(booster.out_dir), title)
     blocks.launch(server_name=args.host, server_port=args.port or None, share=args.share,
-                  prevent_thread_lock=True, allowed_paths=[booster.out_dir], quiet=True)
+                  prevent_thread_lock=True, allowed_paths=[booster.out_dir], quiet=True,
+                  max_file_size=MAX_UPLOAD)
     print(f"fmboost_jax page: {blocks.local_url} (Ctrl-C stops it)", flush=True)
+    blocks.fmboost_out_dir = booster.out_dir
     return blocks
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, _ = cli.parse_args(build_parser(), argv, blocks=())
+    parser = build_parser()
+    args, _ = cli.parse_args(parser, argv, blocks=())
+    if args.tile and args.tile_overlap >= args.tile:
+        parser.error(f"--tile_overlap {args.tile_overlap} must be smaller than --tile {args.tile}")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     compile_cache.enable(off=args.no_compile_cache)
     with cli.user_errors_in_one_line():
@@ -450,6 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     finally:
         blocks.close()
+        shutil.rmtree(blocks.fmboost_out_dir, ignore_errors=True)   # the boosts' PNGs
     return 0
 
 

@@ -196,10 +196,13 @@ class Fit:
     batch: int
     usage: Usage | None         # None: libtpu refused it for want of HBM
     largest: int                # 0: not even one example
+    refused: int = 0            # > 0: `largest` fits and this does not, nothing measured between
 
     def line(self, capacity: int, unit: str = "examples") -> str:
         head = f"{self.batch} {unit} per chip"
-        largest = f"at most {self.largest} {unit} per chip fit" if self.largest else ""
+        largest = (f"at least {self.largest} and fewer than {self.refused} {unit} per chip fit"
+                   if self.refused else
+                   f"at most {self.largest} {unit} per chip fit" if self.largest else "")
         if self.usage is None:
             return f"{head}: more than {capacity / GiB:.2f} GiB" + (largest and f"; {largest}")
         u = self.usage
@@ -221,7 +224,7 @@ def fit(usage_at: Callable[[int], Usage | None], batch: int, capacity: int,
     if u is None and v is None:
         return Fit(batch, None, 0)
     if u is None or v is None:           # one side fits, the other does not
-        return Fit(batch, u, batch if u is not None else other)
+        return Fit(batch, u, *((batch, other) if u is not None else (other, batch)))
     slope = (v.peak - u.peak) / (other - batch)
     fixed = u.peak - slope * batch
     largest = int((capacity - fixed) // slope) if slope > 0 else batch
@@ -230,12 +233,19 @@ def fit(usage_at: Callable[[int], Usage | None], batch: int, capacity: int,
 
 def train_usage(config: ml_collections.ConfigDict, planner: Planner, per_chip: int
                 ) -> Usage | None:
-    """The training step's usage at `per_chip` examples per chip (its FLOPs counted in full
-    where XLA counts a loop once: `setup.train_step_flops`)."""
+    """The training step's usage at `per_chip` examples per chip."""
     step, args = train_step(config, planner.devices, per_chip)
-    u = planner.usage(f"training step at per-chip batch {per_chip}", step.lower(*args))
-    return u and dataclasses.replace(u, flops=setup.train_step_flops(
-        config, len(planner.devices), u.flops, *args) or 0.0)
+    return planner.usage(f"training step at per-chip batch {per_chip}", step.lower(*args))
+
+
+def counted_in_full(config: ml_collections.ConfigDict, devices: list[Any], fit: Fit) -> Fit:
+    """`fit` with its FLOPs counted in full where XLA counts a loop once (the VAE in
+    micro-batches: `setup.train_step_flops`)."""
+    if fit.usage is None:
+        return fit
+    _, args = train_step(config, devices, fit.batch)
+    flops = setup.train_step_flops(config, len(devices), fit.usage.flops, *args)
+    return dataclasses.replace(fit, usage=dataclasses.replace(fit.usage, flops=flops or 0.0))
 
 
 def _say(message: str) -> None:
@@ -257,7 +267,8 @@ def plan(config: ml_collections.ConfigDict, name: str, s: tpu.TpuSlice, boost: b
     print(f"{name} on {s.name}: {s.chips} chips ({s.topology}), {capacity / GiB:.2f} GiB of HBM "
           f"per chip for programs; mesh {mesh}, batch {config.batch_size} ({per_chip} per chip), "
           f"{config.high_res_size}² px, dtype {config.dtype}", flush=True)
-    train = fit(lambda b: train_usage(config, planner, b), per_chip, capacity, largest)
+    train = counted_in_full(config, planner.devices, fit(
+        lambda b: train_usage(config, planner, b), per_chip, capacity, largest))
     print(f"training step: {train.line(capacity)}", flush=True)
     if boost:
         up = fit(lambda b: planner.usage(f"boost of {b} image(s) per chip",

@@ -47,7 +47,11 @@ def test_the_largest_batch_follows_the_line_through_two_compiles():
     assert asked == [2, 4] and result.largest == 8 and result.usage.peak == 6 * GiB
     asked.clear()
     result = fit(at, 16, 16 * GiB)                  # 16 does not fit, 8 does: at least 8
-    assert asked == [16, 8] and result.usage is None and result.largest == 8
+    assert asked == [16, 8] and result.usage is None and (result.largest, result.refused) == (8, 16)
+    assert result.line(16 * GiB).endswith("at least 8 and fewer than 16 examples per chip fit")
+    asked.clear()
+    result = fit(at, 8, 16 * GiB)                   # 8 fits, 16 does not: a bound, not a fit
+    assert asked == [8, 16] and (result.largest, result.refused) == (8, 16)
     asked.clear()
     assert fit(at, 2, 16 * GiB, largest=False).largest == 0 and asked == [2]
 

@@ -8,7 +8,7 @@ The windows and the blend are `first_stage.tiling`'s (windows of `tile` low-res 
 about `overlap`; weights ramping across the middle half of each overlap, 1 on the image's own
 border), so no seam shows where two tiles meet. Every window has the same size, so one compiled
 program boosts them all, one at a time from the host: memory stays at one tile's, and
-`progress(i, n)` counts the tiles. Each tile is boosted with the same key.
+`progress(i, n)` counts the tiles. Tile i draws its noise from `fold_in(rng, i)`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 
 from fmboost_jax.first_stage import tiling
@@ -29,8 +30,8 @@ def tile_count(h: int, w: int, tile: int, overlap: int) -> int:
 def boost_in_tiles(model: Any, lowres: np.ndarray, tile: int, overlap: int, rng: Any,
                    progress: Callable[[int, int], None] | None = None, **sampler: Any
                    ) -> tuple[np.ndarray, int, float]:
-    """Low-res images (B, h, w, 3) in [-1, 1] -> (the blended boost (B, H, W, 3), the NFE of one
-    tile, the seconds spent compiling (`model.compile_seconds` of each call)); inputs no larger
+    """Low-res images (B, h, w, 3) in [-1, 1] -> (the blended boost (B, H, W, 3), the most NFE
+    of a tile, the seconds spent compiling (`model.compile_seconds` of each call)); inputs no larger
     than `tile` are boosted whole."""
     b, h, w, _ = lowres.shape
     u = model.upscale
@@ -44,8 +45,9 @@ def boost_in_tiles(model: Any, lowres: np.ndarray, tile: int, overlap: int, rng:
     for i, (y, x) in enumerate(starts):
         if progress:
             progress(i, len(starts))
-        out = model(lowres[:, y:y + th, x:x + tw], rng, **sampler)
-        nfe = int(np.max(out.stats.get("nfe", 1)))
+        key = None if rng is None else jax.random.fold_in(rng, i)
+        out = model(lowres[:, y:y + th, x:x + tw], key, **sampler)
+        nfe = max(nfe, int(np.max(out.stats.get("nfe", 1))))
         compile_s += getattr(model, "compile_seconds", 0.0)
         weight = (_side(ramps_y, y, th, h)[:, None] * _side(ramps_x, x, tw, w)[None, :])
         weight = weight[None, :, :, None]
