@@ -198,7 +198,9 @@ class Fit:
     largest: int                # 0: not even one example
     refused: int = 0            # > 0: `largest` fits and this does not, nothing measured between
 
-    def line(self, capacity: int, unit: str = "examples") -> str:
+    def line(self, capacity: int, unit: str = "examples", flops: bool = True) -> str:
+        """The usage and the largest batch in words; `flops`: XLA's count too (not for loops,
+        whose body XLA counts once)."""
         head = f"{self.batch} {unit} per chip"
         largest = (f"at least {self.largest} and fewer than {self.refused} {unit} per chip fit"
                    if self.refused else
@@ -206,9 +208,10 @@ class Fit:
         if self.usage is None:
             return f"{head}: more than {capacity / GiB:.2f} GiB" + (largest and f"; {largest}")
         u = self.usage
-        return (f"{head}: peak {u.peak / GiB:.2f} GiB of {capacity / GiB:.2f} GiB (arguments "
-                f"{u.arguments / GiB:.2f}, temporaries {u.temporaries / GiB:.2f}); "
-                f"{u.flops:.3g} FLOPs per chip" + (largest and f"; {largest}"))
+        parts = [f"{head}: peak {u.peak / GiB:.2f} GiB of {capacity / GiB:.2f} GiB (arguments "
+                 f"{u.arguments / GiB:.2f}, temporaries {u.temporaries / GiB:.2f})"]
+        parts += [f"{u.flops:.3g} FLOPs per chip"] if flops else []
+        return "; ".join(parts + ([largest] if largest else []))
 
 
 def fit(usage_at: Callable[[int], Usage | None], batch: int, capacity: int,
@@ -275,7 +278,7 @@ def plan(config: ml_collections.ConfigDict, name: str, s: tpu.TpuSlice, boost: b
                                          lower_boost(config, planner.devices, b)), 1, capacity,
                  largest)
         print(f"boost ({config.sampling.solver}, {config.low_res_size}² -> "
-              f"{config.high_res_size}² px): {up.line(capacity, 'images')}",
+              f"{config.high_res_size}² px): {up.line(capacity, 'images', flops=False)}",
               flush=True)
     fits = train.usage is not None and train.usage.peak <= capacity
     peak = (f"peak {train.usage.peak / GiB:.2f} GiB of" if train.usage is not None else

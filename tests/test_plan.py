@@ -74,6 +74,7 @@ def test_the_smoke_config_is_planned_for_a_v5e_slice_and_kept(tmp_path):
     assert "4 chips (v5e:2x2), 15.75 GiB of HBM per chip" in lines[0]
     assert lines[1].startswith("training step: 1 examples per chip: peak ")
     assert lines[2].startswith("boost (euler, 32² -> 64² px): 1 images per chip: peak ")
+    assert "FLOPs per chip" in lines[1] and "FLOPs" not in lines[2]    # a loop's body counts once
     assert lines[-1].startswith("plan: configs/lhq.py:smoke on v5e-4: peak ")
     assert lines[-1].endswith("of 15.75 GiB per chip at per-chip batch 1, fits")
     assert first.stderr.count("compiling for v5e:2x2") == 2
