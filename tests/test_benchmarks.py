@@ -142,3 +142,22 @@ def test_benchmark_options_are_parsed_by_the_package_parser():
         ap.parse_args(["--parts", "train,sample"])
     with pytest.raises(argparse.ArgumentError, match="'256,x' is not a comma-separated list"):
         ap.parse_args(["--sizes", "256,x"])
+
+
+def test_the_whole_boost_is_timed_against_the_same_boost_in_pytorch():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "boost_vs_torch.py"),
+                           "--smoke", "--nfe", "1,2", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    parts = dict(re.findall(r"\n(encode|one NFE|decode|boost, \d NFE) +(.+)", out))
+    assert list(parts) == ["encode", "one NFE", "decode", "boost, 1 NFE", "boost, 2 NFE"], out
+    for row in parts.values():                    # ours, theirs, the ratio and its spread
+        ours, theirs, ratio = (float(v) for v in row.split()[:3])
+        assert ours > 0 and theirs > 0 and close(ratio, ours / theirs, rel=2e-3, abs_=0.006)
+    # the same weights, photo and noise: both sides make the same image
+    diff = float(re.search(r"images: 64x64, largest difference (\S+)", out)[1])
+    assert diff < 1e-4, out
+    assert re.search(r"\nmachine: .*cores=\d+.*; torch threads \d+\n", out)
+    assert re.fullmatch(r"boost: fmboost_jax / PyTorch = \d+\.\d\d \(spread \d+\.\d\d–\d+\.\d\d\)",
+                        out.splitlines()[-1])
