@@ -68,3 +68,23 @@ def test_an_unknown_implementation_is_refused_naming_the_field_and_the_default_i
         validate(c)
     with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
         unet_lib.softmax_attention(*(jnp.zeros((1, 1, 2, 4)),) * 3, "flash")
+
+
+def test_long_sequences_attend_in_blocks_of_queries_with_the_whole_sequences_result(monkeypatch):
+    """Above ATTENTION_SCORES_BYTES of scores per example the queries go in blocks (the demo's
+    middle block at 512² px: 4 GiB whole); each row's softmax is its own, so the result is the
+    whole computation's, gradients included."""
+    k = jax.random.split(jax.random.PRNGKey(3), 3)
+    q, kk, v = (jax.random.normal(r, (2, 3, 96, 8)) for r in k)    # 96 = 32 x 3 queries
+    whole = unet_lib.softmax_attention(q, kk, v)
+    loss = lambda q, k, v: jnp.sum(unet_lib.softmax_attention(q, k, v) ** 2)
+    grads = jax.grad(loss, argnums=(0, 1, 2))(q, kk, v)
+    assert unet_lib.query_chunk(4, 128 * 128) == 64               # the demo at 512² px
+    assert unet_lib.query_chunk(4, 16 * 16) == 256                # released, 128² latents: whole
+    monkeypatch.setattr(unet_lib, "ATTENTION_SCORES_BYTES", 3 * 96 * 4 * 32)   # 32 rows
+    assert unet_lib.query_chunk(3, 96) == 32
+    text = jax.jit(unet_lib.softmax_attention).lower(q, kk, v).as_text()
+    assert "while" in text                                          # a loop over 3 blocks
+    np.testing.assert_allclose(unet_lib.softmax_attention(q, kk, v), whole, atol=1e-6)
+    for got, expected in zip(jax.grad(loss, argnums=(0, 1, 2))(q, kk, v), grads):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
