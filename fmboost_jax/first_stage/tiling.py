@@ -1,7 +1,8 @@
 """Tiled application of a convolutional network to inputs too large to process at once.
 
-`tiled_apply(fn, x, tile, overlap, scale)` cuts `x` (B, H, W, C) into `tile` x `tile` windows that
-overlap by `overlap` pixels, applies `fn` to one window at a time (a `lax.fori_loop`, so peak
+`tiled_apply(fn, x, tile, overlap, scale)` cuts `x` (B, H, W, C) into windows of at most `tile` x
+`tile` that overlap by `overlap` pixels (as few as `tile` allows, each no larger than that number
+needs: `window_side`), applies `fn` to one window at a time (a `lax.fori_loop`, so peak
 memory is one window's activations plus the output), and blends the outputs: every output pixel
 is the weighted mean of the windows covering it, with weights that ramp linearly from the edge of
 a window to `overlap * scale` pixels inside it. Neighbouring windows thus hand over smoothly
@@ -60,8 +61,31 @@ def blend_ramps(length: int, overlap: int) -> tuple[np.ndarray, np.ndarray]:
     return rise, rise[::-1].copy()
 
 
+def window_side(size: int, tile: int, overlap: int, align: int = 1) -> int:
+    """The side of the windows that cover [0, size): the smallest multiple of `align` with which
+    as many windows as `tile` needs still overlap by about `overlap` (at most `tile`). At 2048 px
+    in 1024-px tiles overlapping by 64, three 728-px windows a side instead of three of 1024 px:
+    half the pixels coded."""
+    if tile >= size:
+        return size
+    n = len(tile_starts(size, tile, overlap, align))
+    side = -(-(size + (n - 1) * overlap) // n)
+    return min(tile, -(-side // align) * align)
+
+
+def windows(x: Array, tile: int, overlap: int, align: int = 1
+            ) -> tuple[np.ndarray, tuple[int, int]]:
+    """The windows that `tiled_apply` cuts from `x` (B, H, W, C): (N, 2) top-left corners (y, x)
+    and their (height, width), each side `window_side`."""
+    h, w = x.shape[1:3]
+    th, tw = window_side(h, tile, overlap, align), window_side(w, tile, overlap, align)
+    ys, xs = tile_starts(h, th, overlap, align), tile_starts(w, tw, overlap, align)
+    return np.array([(y, x_) for y in ys for x_ in xs], np.int32), (th, tw)
+
+
 def window_starts(x: Array, tile: int, overlap: int, align: int = 1) -> np.ndarray:
-    """(N, 2) top-left corners (y, x) of the windows that `tiled_apply` cuts from `x` (B, H, W, C)."""
+    """(N, 2) top-left corners (y, x) of `tile` x `tile` windows (at most the image's sides) that
+    cover `x` (B, H, W, C), neighbours overlapping by at least about `overlap`."""
     h, w = x.shape[1:3]
     ys = tile_starts(h, min(tile, h), overlap, align)
     xs = tile_starts(w, min(tile, w), overlap, align)
@@ -73,8 +97,7 @@ def tiled_mean(fn: Callable[[Array], Any], x: Array, tile: int, overlap: int,
     """The mean over the windows of `x` that `tiled_apply` uses of `fn(window)`, a pytree of
     arrays; one window at a time. (Statistics shared by all windows, e.g. GroupNorm's.)"""
     b, h, w, c = x.shape
-    th, tw = min(tile, h), min(tile, w)
-    starts = window_starts(x, tile, overlap, align)
+    starts, (th, tw) = windows(x, tile, overlap, align)
     window = lambda i: jax.lax.dynamic_slice(x, (0, starts[i, 0], starts[i, 1], 0), (b, th, tw, c))
     starts = jnp.asarray(starts)
     first = fn(window(0))
@@ -89,15 +112,14 @@ def tiled_apply(fn: Callable[[Array], Array], x: Array, tile: int, overlap: int,
                 scale: float, out_channels: int) -> Array:
     """`fn` applied to overlapping windows of `x` (B, H, W, C) -> (B, H*scale, W*scale, out).
 
-    `fn` maps (B, tile, tile, C) to (B, tile*scale, tile*scale, out_channels); `scale` is 8 for
+    `fn` maps a window (B, th, tw, C) to (B, th*scale, tw*scale, out_channels); `scale` is 8 for
     a VAE decoder and 1/8 for its encoder. Inputs no larger than `tile` go through `fn` whole.
     """
     b, h, w, _ = x.shape
     if h <= tile and w <= tile:
         return fn(x)
-    th, tw = min(tile, h), min(tile, w)
     align = max(1, int(round(1 / scale)))  # windows of an encoder start on whole latent cells
-    starts = window_starts(x, tile, overlap, align)
+    starts, (th, tw) = windows(x, tile, overlap, align)
     oh, ow = int(round(th * scale)), int(round(tw * scale))
     ramps_y, ramps_x = blend_ramps(oh, overlap * scale), blend_ramps(ow, overlap * scale)
     out_shape = (b, int(round(h * scale)), int(round(w * scale)), out_channels)

@@ -30,6 +30,25 @@ def test_tiling_is_exact_for_a_network_without_global_statistics():
     assert tiling.tile_starts(512, 256, 64, align=8) == [0, 128, 256]
 
 
+@pytest.mark.parametrize("size,tile,overlap,align", [
+    (2048, 1024, 64, 8), (256, 128, 8, 1), (4096, 1024, 64, 8), (1000, 512, 64, 8), (40, 16, 4, 1),
+    (300, 128, 16, 1), (96, 128, 16, 1)])
+def test_windows_are_as_few_as_tiles_and_no_larger_than_their_overlap_needs(size, tile, overlap,
+                                                                             align):
+    """As many windows as `tile`-sized ones would take, each side a multiple of `align` and no
+    larger than covering [0, size) with the overlap needs (2048 px in 1024-px tiles: 3 x 728 px,
+    not 3 x 1024), neighbours overlapping by at least `overlap`."""
+    side = tiling.window_side(size, tile, overlap, align)
+    starts = tiling.tile_starts(size, side, overlap, align)
+    assert len(starts) == len(tiling.tile_starts(size, min(tile, size), overlap, align))
+    assert side <= min(tile, size) and side % align == 0 or side == size
+    assert starts[0] == 0 and starts[-1] + side == size
+    assert all(b - a <= side - overlap for a, b in zip(starts, starts[1:]))
+    n = len(starts)
+    assert n == 1 or (side - align) * n < size + (n - 1) * overlap      # one align smaller: short
+    assert (size, tile, overlap, align) != (2048, 1024, 64, 8) or (side, n) == (728, 3)
+
+
 def test_tiled_mean_averages_over_the_windows_of_tiled_apply():
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 48, 32, 3))
     # Windows that partition the image (no overlap): the mean of window means is the whole mean.
@@ -68,13 +87,13 @@ def test_tiled_vae_coding_stays_close_to_whole_image_coding_without_seams():
     img = jax.random.uniform(jax.random.PRNGKey(5), (1, 256, 256, 3), minval=-1, maxval=1)
     z, zt = jax.jit(whole.encode)(params, img), jax.jit(tiled.encode)(params, img)
     assert zt.shape == z.shape == (1, 32, 32, 4)
-    assert rel(zt, z) <= 0.07                                     # measured 0.045
+    assert rel(zt, z) <= 0.07                                     # measured 0.053
     noise = jax.random.normal(jax.random.PRNGKey(3), (1, 32, 32, 4))
     x, xt = jax.jit(whole.decode)(params, noise), jax.jit(tiled.decode)(params, noise)
     assert xt.shape == x.shape == (1, 256, 256, 3)
     assert rel(xt, x) <= 0.15                                     # measured 0.10
     # Shared statistics are closer to whole-image coding than each tile's own.
-    assert rel(xt, x) < 0.85 * rel(jax.jit(own_stats.decode)(params, noise), x)   # 0.10 vs 0.14
+    assert rel(xt, x) < 0.85 * rel(jax.jit(own_stats.decode)(params, noise), x)   # 0.10 vs 0.17
     # No seam: nowhere do neighbouring columns or rows differ much more than in the whole image.
     for axis in (1, 2):
         jump = lambda img, axis=axis: jnp.abs(jnp.diff(img, axis=axis)).mean(axis=(0, 3 - axis, 3))
