@@ -79,16 +79,18 @@ def windows(x: Array, tile: int, overlap: int, align: int = 1
     and their (height, width), each side `window_side`."""
     h, w = x.shape[1:3]
     th, tw = window_side(h, tile, overlap, align), window_side(w, tile, overlap, align)
-    ys, xs = tile_starts(h, th, overlap, align), tile_starts(w, tw, overlap, align)
-    return np.array([(y, x_) for y in ys for x_ in xs], np.int32), (th, tw)
+    return _corners(h, w, th, tw, overlap, align), (th, tw)
 
 
 def window_starts(x: Array, tile: int, overlap: int, align: int = 1) -> np.ndarray:
     """(N, 2) top-left corners (y, x) of `tile` x `tile` windows (at most the image's sides) that
     cover `x` (B, H, W, C), neighbours overlapping by at least about `overlap`."""
     h, w = x.shape[1:3]
-    ys = tile_starts(h, min(tile, h), overlap, align)
-    xs = tile_starts(w, min(tile, w), overlap, align)
+    return _corners(h, w, min(tile, h), min(tile, w), overlap, align)
+
+
+def _corners(h: int, w: int, th: int, tw: int, overlap: int, align: int) -> np.ndarray:
+    ys, xs = tile_starts(h, th, overlap, align), tile_starts(w, tw, overlap, align)
     return np.array([(y, x_) for y in ys for x_ in xs], np.int32)
 
 
