@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -144,14 +146,19 @@ def test_benchmark_options_are_parsed_by_the_package_parser():
         ap.parse_args(["--sizes", "256,x"])
 
 
-def test_the_whole_boost_is_timed_against_the_same_boost_in_pytorch():
+@pytest.mark.parametrize("config,coded", [("lhq", ["decode"]), ("demo", [])])
+def test_the_whole_boost_is_timed_against_the_same_boost_in_pytorch(config, coded):
+    """The released latent pipeline (a VAE to decode) and the pixel-space demo (none)."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "boost_vs_torch.py"),
-                           "--smoke", "--nfe", "1,2", "--repeats", "1"],
+                           "--config", config, "--smoke", "--nfe", "1,2", "--repeats", "1"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     parts = dict(re.findall(r"\n(encode|one NFE|decode|boost, \d NFE) +(.+)", out))
-    assert list(parts) == ["encode", "one NFE", "decode", "boost, 1 NFE", "boost, 2 NFE"], out
+    assert list(parts) == ["encode", "one NFE", *coded, "boost, 1 NFE", "boost, 2 NFE"], out
+    per_pixel = re.search(r"\nper output pixel, boost, 2 NFE: fmboost_jax (\S+) µs, PyTorch (\S+) µs", out)
+    assert per_pixel and close(float(per_pixel[1]), float(parts["boost, 2 NFE"].split()[0])
+                               / 64 ** 2 * 1e6, rel=2e-3, abs_=0.01), out
     for row in parts.values():                    # ours, theirs, the ratio and its spread
         ours, theirs, ratio = (float(v) for v in row.split()[:3])
         assert ours > 0 and theirs > 0 and close(ratio, ours / theirs, rel=2e-3, abs_=0.006)
