@@ -65,6 +65,7 @@ def pixels(c: Any) -> bool:
 
 
 def upscale(c: Any) -> int:
+    """Output pixels per input pixel along a side."""
     return c.high_res_size // c.low_res_size
 
 

@@ -20,7 +20,7 @@ Its departures from the released setup (`base_config()`), because this is pixel 
 - no first stage (pixels) and 8x8 -> 32x32 training crops, low-res crops made with
   anti-aliasing;
 - a small UNet (1.2M parameters: 32 channels, mult (1, 2, 2), one ResBlock per level, no
-  attention);
+  attention at its levels; the middle block keeps the reference's global self-attention);
 - no forward noising of the source (noising step 400 is tuned for SD latents; here x0 is the
   bilinear image itself);
 - a higher learning rate (1e-3, 100 warm-up steps), a faster EMA (0.995 after step 100), batch 16,

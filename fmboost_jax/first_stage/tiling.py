@@ -84,7 +84,9 @@ def windows(x: Array, tile: int, overlap: int, align: int = 1
 
 def window_starts(x: Array, tile: int, overlap: int, align: int = 1) -> np.ndarray:
     """(N, 2) top-left corners (y, x) of `tile` x `tile` windows (at most the image's sides) that
-    cover `x` (B, H, W, C), neighbours overlapping by at least about `overlap`."""
+    cover `x` (B, H, W, C), neighbours overlapping by at least about `overlap`. Windows of the
+    given size, not `window_side`'s: boosts in tiles (`inference/tiles.py`) use a size the network
+    was checked to take."""
     h, w = x.shape[1:3]
     return _corners(h, w, min(tile, h), min(tile, w), overlap, align)
 
