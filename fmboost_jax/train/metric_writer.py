@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -25,6 +26,20 @@ from fmboost_jax.train import wandb_logging
 
 METRICS_FILE = "metrics.jsonl"
 UPLOAD_SECONDS = 60.0           # on a bucket: the longest the uploaded TensorBoard events lag
+
+
+def summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports PyTorch when
+    it is installed (1.5 s per start on a CPU) only to accept its tensors, and we log numbers."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None                # `import torch` raises ImportError meanwhile
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 class MetricWriter:
@@ -50,8 +65,7 @@ class MetricWriter:
         else:
             self._jsonl = open(self._path, "a")
             self._tb_local = self._tb_dir
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(self._tb_local)
+        self._tb = summary_writer_class()(self._tb_local)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Appends `{"step": step, **metrics}` as a JSON line, TensorBoard and W&B scalars."""

@@ -28,6 +28,15 @@ def test_metrics_are_appended_as_json_lines_and_tensorboard_events(tmp_path):
     assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
 
 
+def test_the_tensorboard_writer_starts_without_importing_pytorch():
+    """PyTorch (installed here) stays out of a training process, and importable after."""
+    child = ("import sys; from fmboost_jax.train.metric_writer import summary_writer_class; "
+             "summary_writer_class(); assert 'torch' not in sys.modules, 'torch imported'; "
+             "import torch, tensorboardX; print(torch.__name__)")
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "torch", proc.stderr[-2000:]
+
+
 @pytest.fixture
 def offline_wandb(tmp_path, monkeypatch):
     """W&B kept offline, silent and out of the home directory."""
