@@ -87,7 +87,7 @@ def reference(tmp_path_factory):
     """Final params and EMA params of an uninterrupted single-device run (made once for all
     workers), which the checkpoint and preemption tests compare with."""
     def train(workdir):
-        out = finish(start(workdir))
+        out = finish(start(workdir, f"--config.checkpoint_every={TOTAL}"))   # one save
         assert steps(workdir)[-1] == TOTAL, out[-3000:]
     workdir = support.made_once(tmp_path_factory, "reference", train)
     return restore_params(workdir, use_ema=False), restore_params(workdir)

@@ -7,12 +7,14 @@ disk) stops the run in one line and loses nothing."""
 import glob
 import json
 import os
+import pathlib
 import shlex
 import shutil
 import subprocess
 import sys
 
 import pytest
+from support import made_once
 from training_runs import BASE_FLAGS, TOTAL, env, max_diff, steps
 
 from fmboost_jax.checkpoints import store
@@ -37,13 +39,14 @@ def train(workdir, total: int = TOTAL):
 LAST, PREVIOUS = TOTAL - 1, TOTAL - 2
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def stopped_run(tmp_path_factory):
-    """A run stopped one step before the end: checkpoints PREVIOUS and LAST."""
-    workdir = tmp_path_factory.mktemp("stopped") / "run"
-    train(workdir, LAST)
-    assert steps(workdir) == [PREVIOUS, LAST]
-    return workdir
+    """A run stopped one step before the end: checkpoints PREVIOUS and LAST (made once for all
+    workers; the tests change copies of it)."""
+    def make(path):
+        train(os.path.join(path, "run"), LAST)
+        assert steps(os.path.join(path, "run")) == [PREVIOUS, LAST]
+    return pathlib.Path(made_once(tmp_path_factory, "stopped", make)) / "run"
 
 
 def data_files(step_dir) -> list[str]:
