@@ -51,7 +51,7 @@ variables = inception.init_variables(jax.random.PRNGKey(2))
 images = np.random.default_rng(1).uniform(0, 1, (5, 40, 40, 3)).astype(np.float32)
 features = InceptionFeatures(variables, batch=3)          # rounded up to 8: one padded chunk
 split = features(images)
-alone = np.asarray(_network(variables, _preprocess(images)))
+alone = np.asarray(jax.jit(_network)(variables, _preprocess(images)))
 print("INCEPTION", features.batch, len(features.split.device_set),
       float(np.abs(split - alone).max() / np.abs(alone).max()))
 
