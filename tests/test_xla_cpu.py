@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+from conftest import TEST_XLA_FLAGS
 
 from fmboost_jax import xla_cpu
 
@@ -38,7 +39,10 @@ print(os.environ.get("XLA_FLAGS", ""))
 
 
 def _child_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.ENV_VAR)}
+    """This environment without the switch, with the tests' own flag alone in XLA_FLAGS (LLVM
+    at -O0: it compiles faster and leaves the flags' choice of kernels as it is)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.ENV_VAR)}
+    return env | {"XLA_FLAGS": TEST_XLA_FLAGS}
 
 
 def _run(tmp_path, name, **env):
@@ -72,8 +76,8 @@ def test_unet_outputs_and_gradients_agree_with_and_without_the_flags(tmp_path):
                             xla_cpu._accelerator_installed()):
         assert xla_cpu.FLAGS[0] in tuned_flags
     else:
-        assert tuned_flags == ""
-    assert plain_flags == ""
+        assert tuned_flags == TEST_XLA_FLAGS
+    assert plain_flags == TEST_XLA_FLAGS
     assert tuned.files == plain.files and len(tuned.files) > 40
     for name in tuned.files:
         a, b = tuned[name], plain[name]
