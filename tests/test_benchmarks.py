@@ -158,7 +158,7 @@ def test_the_whole_boost_is_timed_against_the_same_boost_in_pytorch(config, code
     assert list(parts) == ["encode", "one NFE", *coded, "boost, 1 NFE", "boost, 2 NFE"], out
     per_pixel = re.search(r"\nper output pixel, boost, 2 NFE: fmboost_jax (\S+) µs, PyTorch (\S+) µs", out)
     assert per_pixel and close(float(per_pixel[1]), float(parts["boost, 2 NFE"].split()[0])
-                               / 64 ** 2 * 1e6, rel=2e-3, abs_=0.01), out
+                               / 64 ** 2 * 1e6, rel=6e-3), out   # printed to 3 digits
     for row in parts.values():                    # ours, theirs, the ratio and its spread
         ours, theirs, ratio = (float(v) for v in row.split()[:3])
         assert ours > 0 and theirs > 0 and close(ratio, ours / theirs, rel=2e-3, abs_=0.006)

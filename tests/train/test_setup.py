@@ -46,7 +46,7 @@ def test_resuming_with_another_optimizer_is_refused_in_one_line_touching_nothing
     from training_runs import finish, start, steps
     workdir = tmp_path / "run"
     out = finish(start(workdir, "--config.total_steps=2"))
-    assert steps(workdir) == [1, 2], out[-3000:]
+    assert steps(workdir) == [2], out[-3000:]          # a checkpoint every other step
     before = _files(workdir)
     config_json = (workdir / "config.json").read_bytes()
     proc = start(workdir, "--config.optim.grad_clip_norm=1.0")
