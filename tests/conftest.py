@@ -29,7 +29,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 os.environ.setdefault("FMBOOST_COMPILE_CACHE", os.path.join(TESTS, ".jax_cache"))
 
 import support  # noqa: E402
-from training_runs import TOTAL, finish, start, steps  # noqa: E402
+from training_runs import FINAL_ONLY, TOTAL, finish, start, steps  # noqa: E402
 
 from fmboost_jax.checkpoints.store import restore_params  # noqa: E402
 
@@ -87,7 +87,7 @@ def reference(tmp_path_factory):
     """Final params and EMA params of an uninterrupted single-device run (made once for all
     workers), which the checkpoint and preemption tests compare with."""
     def train(workdir):
-        out = finish(start(workdir, f"--config.checkpoint_every={TOTAL}"))   # one save
+        out = finish(start(workdir, FINAL_ONLY))
         assert steps(workdir)[-1] == TOTAL, out[-3000:]
     workdir = support.made_once(tmp_path_factory, "reference", train)
     return restore_params(workdir, use_ema=False), restore_params(workdir)

@@ -18,7 +18,7 @@ import pytest
 import skimage.data
 from PIL import Image
 from support import ROOT
-from training_runs import TOTAL, finish, max_diff, start
+from training_runs import FINAL_ONLY, TOTAL, finish, max_diff, start
 
 from fmboost_jax import evaluate, paths, upsample
 from fmboost_jax.checkpoints.store import restore_params
@@ -43,7 +43,7 @@ def test_a_run_on_a_bucket_is_killed_resumes_bitwise_and_its_model_boosts_and_sc
     finish(proc)
     killed_at = bucket_steps(workdir)[-1]
     assert killed_at < TOTAL
-    out = finish(start(workdir))
+    out = finish(start(workdir, FINAL_ONLY))
     assert f"Restoring checkpoint of step {killed_at}" in out, out[-3000:]
     assert bucket_steps(workdir)[-1] == TOTAL
     params, ema = reference                                  # the same run, uninterrupted, on disk

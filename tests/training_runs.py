@@ -12,6 +12,7 @@ import numpy as np
 from support import ROOT, devices_env
 
 TOTAL = 10
+FINAL_ONLY = f"--config.checkpoint_every={TOTAL}"   # a run to the end saves once, there
 
 
 # A checkpoint every other step (each save of this tiny state costs about 0.7 s of Orbax's

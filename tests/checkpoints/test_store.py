@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from training_runs import TOTAL, finish, max_diff, start, steps
+from training_runs import FINAL_ONLY, TOTAL, finish, max_diff, start, steps
 
 from fmboost_jax.checkpoints.store import restore_params
 
@@ -65,7 +65,8 @@ def test_a_run_saved_on_4_devices_with_fsdp_resumes_on_2(reference, tmp_path):
     out = finish(start(workdir, "--config.total_steps=4", "--config.mesh=(('data',1),('fsdp',4))",
                          *fsdp, devices=4))
     assert steps(workdir)[-1] == 4, out[-3000:]
-    out = finish(start(workdir, "--config.mesh=(('data',-1),('fsdp',2))", *fsdp, devices=2))
+    out = finish(start(workdir, "--config.mesh=(('data',-1),('fsdp',2))", *fsdp, FINAL_ONLY,
+                       devices=2))
     assert "Restoring checkpoint of step 4" in out and "mesh {'data': 1, 'fsdp': 2}" in out, \
         out[-3000:]
     assert steps(workdir)[-1] == TOTAL

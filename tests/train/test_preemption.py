@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 from training_runs import (
+    FINAL_ONLY,
     TOTAL,
     finish,
     free_port,
@@ -34,7 +35,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_status_zero(reference, tmp_pa
     stopped_at = steps(workdir)[-1]
     assert stopped_at < TOTAL, "the run finished before the signal arrived"
     assert not os.path.exists(workdir / "eval.json")  # stopped early, no final evaluation
-    finish(start(workdir))
+    finish(start(workdir, FINAL_ONLY))
     assert max_diff(restore_params(str(workdir), use_ema=False), reference[0]) == 0.0
 
 
@@ -43,9 +44,9 @@ def test_two_processes_train_agree_on_a_preemption_step_and_resume(reference, tm
     """2 processes x 2 fake devices joined by jax.distributed on localhost; SIGTERM to one."""
     workdir = tmp_path / "multihost"
 
-    def start_both(total: int) -> list[subprocess.Popen]:
+    def start_both(total: int, *flags: str) -> list[subprocess.Popen]:
         port = free_port()
-        return [start(workdir, f"--config.total_steps={total}",
+        return [start(workdir, f"--config.total_steps={total}", *flags,
                        f"--coordinator_address=localhost:{port}", "--num_processes=2",
                        f"--process_id={i}", devices=2) for i in range(2)]
 
@@ -64,7 +65,7 @@ def test_two_processes_train_agree_on_a_preemption_step_and_resume(reference, tm
     assert [f for f in data_files if f.endswith(".json")] == ["process_0-of-2.json",
                                                               "process_1-of-2.json"]
 
-    outs = [finish(p) for p in start_both(TOTAL)]
+    outs = [finish(p) for p in start_both(TOTAL, FINAL_ONLY)]
     assert all(f"Restoring checkpoint of step {stopped_at}" in o for o in outs), outs[0][-3000:]
     assert steps(workdir)[-1] == TOTAL
     params = reference[0]
