@@ -238,8 +238,10 @@ def test_a_person_boosts_a_photo_in_a_real_browser(page, browser, tiny_workdir, 
     _upload(browser, wait, photos["notes"])
     wait.until(lambda d: "not a readable image" in text("estimate"))
     browser.find_element(By.ID, "boost").click()
-    toast = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".toast-body"))
-    assert "notes.png: not a readable image" in toast[0].text
+    # The toast's element appears before its text is drawn: wait for the text.
+    toasts = wait.until(lambda d: [t.text for t in d.find_elements(By.CSS_SELECTOR, ".toast-body")
+                                   if t.text])
+    assert "notes.png: not a readable image" in toasts[0], toasts
     assert text("figures") == "" and not browser.find_elements(By.CSS_SELECTOR, "#download a")
     os.remove(os.path.join(browser.downloads, "face_128x96.png"))
     _upload(browser, wait, photos["face"])
