@@ -13,6 +13,7 @@ from support import ROOT, devices_env
 
 TOTAL = 10
 FINAL_ONLY = f"--config.checkpoint_every={TOTAL}"   # a run to the end saves once, there
+EVERY_STEP = "--config.checkpoint_every=1"         # the soak: its kills land mid-save
 
 
 # A checkpoint every other step (each save of this tiny state costs about 0.7 s of Orbax's

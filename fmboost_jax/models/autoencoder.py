@@ -312,7 +312,7 @@ def posterior_sample(mean: Array, logvar: Array, rng: jax.Array) -> Array:
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def init_params(model: AutoencoderKL, rng: jax.Array, image_size: int | None = None) -> Any:
     """Randomly initialised params (torch's default init), traced at a small image size; one
-    compiled program (op by op, the initialisers take about twice as long)."""
+    compiled program (op by op, the initialisers take about 1.5 times as long)."""
     size = image_size or model.config.downsample_factor
     x = jnp.zeros((1, size, size, model.config.in_channels), jnp.float32)
     return model.init(rng, x)["params"]

@@ -287,9 +287,6 @@ def init_variables(rng: jax.Array, model: InceptionV3 | None = None) -> Variable
     variance 1 / fan-in (the scale of Flax's default LeCun init), zero biases, unit BatchNorm
     scales and identity statistics. Drawn with NumPy from `rng`'s bits, off the shapes alone:
     `model.init` would compile the whole network (9 s on a CPU) to make them."""
-    model = model or InceptionV3()
-    x = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
-    shapes = jax.eval_shape(functools.partial(model.init, logits=True), rng, x)
     draw = np.random.default_rng(np.asarray(jax.random.bits(rng, (4,), jnp.uint32)))
 
     def leaf(path: tuple[Any, ...], s: jax.ShapeDtypeStruct) -> jax.Array:
@@ -298,7 +295,7 @@ def init_variables(rng: jax.Array, model: InceptionV3 | None = None) -> Variable
             fan_in = int(np.prod(s.shape[:-1]))
             return jnp.asarray(draw.standard_normal(s.shape, np.float32) / np.sqrt(fan_in))
         return jnp.ones(s.shape, s.dtype) if name in ("scale", "var") else jnp.zeros(s.shape, s.dtype)
-    return dict(jax.tree_util.tree_map_with_path(leaf, shapes))
+    return dict(jax.tree_util.tree_map_with_path(leaf, variable_shapes(model)))
 
 
 def missing_checkpoint_message(path: str) -> str:

@@ -31,14 +31,14 @@ UPLOAD_SECONDS = 60.0           # on a bucket: the longest the uploaded TensorBo
 def summary_writer_class() -> type:
     """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports PyTorch when
     it is installed (1.5 s per start on a CPU) only to accept its tensors, and we log numbers."""
-    if "tensorboardX" in sys.modules or "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-        return SummaryWriter
-    sys.modules["torch"] = None                # `import torch` raises ImportError meanwhile
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None            # `import torch` raises ImportError meanwhile
     try:
         from tensorboardX import SummaryWriter
     finally:
-        del sys.modules["torch"]
+        if hide:
+            del sys.modules["torch"]
     return SummaryWriter
 
 

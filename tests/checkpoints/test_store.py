@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from training_runs import FINAL_ONLY, TOTAL, finish, max_diff, start, steps
+from training_runs import EVERY_STEP, FINAL_ONLY, TOTAL, finish, max_diff, start, steps
 
 from fmboost_jax.checkpoints.store import restore_params
 
@@ -36,7 +36,7 @@ def test_a_run_killed_at_six_random_moments_resumes_and_ends_bitwise_equal(refer
     progress = []                            # the latest complete step after each attempt
     for attempt in range(KILLS):
         done = progress[-1] if progress else 0
-        proc = start(workdir, "--config.checkpoint_every=1")
+        proc = start(workdir, EVERY_STEP)
         if attempt % 2 and done < TOTAL - 2:            # every other one: just after a step's log
             read_until(proc, f"step {done + 1}/")
             time.sleep(rng.uniform(0.0, 0.3))
@@ -49,7 +49,7 @@ def test_a_run_killed_at_six_random_moments_resumes_and_ends_bitwise_equal(refer
         if progress[-1] == TOTAL:
             break
     assert len(progress) == KILLS, progress                        # all kills before the end
-    out = finish(start(workdir, "--config.checkpoint_every=1"))      # resumes from the latest complete step
+    out = finish(start(workdir, EVERY_STEP))      # resumes from the latest complete step
     assert steps(workdir)[-1] == TOTAL, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     params, ema = reference
