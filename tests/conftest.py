@@ -83,14 +83,20 @@ def smoke_params(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def reference(tmp_path_factory):
-    """Final params and EMA params of an uninterrupted single-device run (made once for all
-    workers), which the checkpoint and preemption tests compare with."""
+def reference_run(tmp_path_factory):
+    """The workdir of an uninterrupted single-device run of `training_runs` (made once for all
+    workers; tests change copies of it)."""
     def train(workdir):
         out = finish(start(workdir, FINAL_ONLY))
         assert steps(workdir)[-1] == TOTAL, out[-3000:]
-    workdir = support.made_once(tmp_path_factory, "reference", train)
-    return restore_params(workdir, use_ema=False), restore_params(workdir)
+    return support.made_once(tmp_path_factory, "reference", train)
+
+
+@pytest.fixture(scope="session")
+def reference(reference_run):
+    """Final params and EMA params of `reference_run`, which the checkpoint and preemption tests
+    compare with."""
+    return restore_params(reference_run, use_ema=False), restore_params(reference_run)
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,9 @@ FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>```+)(?P<info>[^`]*)$")
 SUBSTITUTIONS = [
     ("--config=configs/demo.py --workdir=runs/demo", "--config=configs/demo.py:smoke --workdir=runs/demo",
      "the Quick start's demo trains 800 steps (minutes); its smoke variant runs the same code in 4"),
+    ("pip install -e . && python -m fmboost_jax.train", "python -m fmboost_jax.train",
+     "the test line installed the package already; installing it again while other tests import "
+     "it would only cost time"),
 ]
 # The block that trains `runs/demo` for every other block (once per session, shared by workers).
 DEMO_BLOCK = "README.md::quick-start::1"

@@ -39,25 +39,28 @@ def _files(root) -> dict[str, tuple[int, int]]:
     return out
 
 
-def test_resuming_with_another_optimizer_is_refused_in_one_line_touching_nothing(tmp_path):
+def test_resuming_with_another_optimizer_is_refused_in_one_line_touching_nothing(reference_run,
+                                                                                 tmp_path):
     """The command line: a run trained without gradient clipping, resumed with it, stops with
     one line naming the field and status 2, with every file as it was; the unchanged command
     (a longer run is fine) then resumes from the latest step."""
-    from training_runs import finish, start, steps
+    import shutil
+
+    from training_runs import FINAL_ONLY, TOTAL, finish, start, steps
     workdir = tmp_path / "run"
-    out = finish(start(workdir, "--config.total_steps=2"))
-    assert steps(workdir) == [2], out[-3000:]          # a checkpoint every other step
+    shutil.copytree(reference_run, workdir)
     before = _files(workdir)
     config_json = (workdir / "config.json").read_bytes()
-    proc = start(workdir, "--config.optim.grad_clip_norm=1.0")
+    proc = start(workdir, FINAL_ONLY, "--config.optim.grad_clip_norm=1.0")
     out = finish(proc)
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
     assert "config.optim.grad_clip_norm: 0.0 -> 1.0" in errors[0]
     assert "Nothing was changed" in errors[0] and "--config.init_from=" in errors[0]
     assert _files(workdir) == before and (workdir / "config.json").read_bytes() == config_json
-    out = finish(start(workdir, "--config.total_steps=3"))
-    assert "Restoring checkpoint of step 2" in out and steps(workdir)[-1] == 3, out[-3000:]
+    out = finish(start(workdir, FINAL_ONLY, f"--config.total_steps={TOTAL + 1}"))
+    assert f"Restoring checkpoint of step {TOTAL}" in out, out[-3000:]
+    assert steps(workdir)[-1] == TOTAL + 1, out[-3000:]
 
 
 def test_another_network_is_refused_naming_the_field_and_init_from_starts_from_its_weights(
