@@ -13,7 +13,8 @@ the overlap (where its padding shows), rises linearly across the middle half, an
 sides on the image border keep weight 1. For a network whose receptive field reaches less than
 a quarter of the overlap, tiled and whole outputs are therefore identical. Networks with global
 statistics (the VAE's GroupNorms) would see per-window statistics; `tiled_mean` averages such
-statistics over the same windows so that all windows can share them.
+statistics over the same windows (or a checkerboard half of them) so that all windows can share
+them.
 """
 
 from __future__ import annotations
@@ -96,12 +97,25 @@ def _corners(h: int, w: int, th: int, tw: int, overlap: int, align: int) -> np.n
     return np.array([(y, x_) for y in ys for x_ in xs], np.int32)
 
 
+def checkerboard(starts: np.ndarray) -> np.ndarray:
+    """The windows of `starts` (N, 2) on the white squares of a checkerboard over their grid
+    (row + column even): corners and centre of a 3 x 3 grid, ceil(N / 2) of N windows, evenly
+    spread over the image. Measured at 256² and 384² (3 x 3 and 4 x 4 windows), their mean
+    statistics code as close to whole-image coding as all windows' (README, tiled VAE coding)."""
+    rows = np.searchsorted(np.unique(starts[:, 0]), starts[:, 0])
+    cols = np.searchsorted(np.unique(starts[:, 1]), starts[:, 1])
+    return starts[(rows + cols) % 2 == 0]
+
+
 def tiled_mean(fn: Callable[[Array], Any], x: Array, tile: int, overlap: int,
-               align: int = 1) -> Any:
+               align: int = 1, every_other: bool = False) -> Any:
     """The mean over the windows of `x` that `tiled_apply` uses of `fn(window)`, a pytree of
-    arrays; one window at a time. (Statistics shared by all windows, e.g. GroupNorm's.)"""
+    arrays; one window at a time. (Statistics shared by all windows, e.g. GroupNorm's.) With
+    `every_other`, over the `checkerboard` half of them (about half the work)."""
     b, h, w, c = x.shape
     starts, (th, tw) = windows(x, tile, overlap, align)
+    if every_other:
+        starts = checkerboard(starts)
     window = lambda i: jax.lax.dynamic_slice(x, (0, starts[i, 0], starts[i, 1], 0), (b, th, tw, c))
     starts = jnp.asarray(starts)
     first = fn(window(0))

@@ -29,8 +29,9 @@ class AutoencoderFirstStage:
     the network's levels above the latent resolution run tile by tile; the rest (the deepest
     level, the attention block, the output layers) runs on the whole latent, so attention stays
     global as in whole-image coding; and with `shared_stats` the tiles' GroupNorms share one
-    estimate of the whole image's statistics, the mean over the tiles of their own (one extra
-    pass over the tiles), instead of each tile normalising with its own as most tiled VAEs do.
+    estimate of the whole image's statistics, the mean of their own over a checkerboard half of
+    the tiles (an extra pass over half the tiles), instead of each tile normalising with its own
+    as most tiled VAEs do.
     """
 
     def __init__(self, config: autoencoder.AutoencoderConfig, checkpoint: str,
@@ -67,7 +68,7 @@ class AutoencoderFirstStage:
                                           method=getattr(self.model, method),
                                           mutable=[autoencoder.MEASURED_NORM_STATS])
                 return out[autoencoder.MEASURED_NORM_STATS]
-            stats = tiling_lib.tiled_mean(measure, x, tile, overlap, align)
+            stats = tiling_lib.tiled_mean(measure, x, tile, overlap, align, every_other=True)
         return tiling_lib.tiled_apply(lambda w: self._apply(params, w, method, stats), x, tile,
                                   overlap, scale, out_channels)
 

@@ -55,6 +55,19 @@ def test_tiled_mean_averages_over_the_windows_of_tiled_apply():
     stats = tiling.tiled_mean(lambda w: {"m": w.mean(axis=(1, 2))}, x, tile=16, overlap=0)
     np.testing.assert_allclose(stats["m"], x.mean(axis=(1, 2)), atol=1e-6)
     assert tiling.window_starts(x, 16, 0).shape == (6, 2)
+    # every other one: the windows of rows 0 and 2 in column 0, and of row 1 in column 1
+    half = tiling.tiled_mean(lambda w: {"m": w.mean(axis=(1, 2))}, x, tile=16, overlap=0,
+                             every_other=True)
+    corners = [x[:, 0:16, 0:16], x[:, 16:32, 16:32], x[:, 32:48, 0:16]]
+    np.testing.assert_allclose(half["m"], np.mean([c.mean(axis=(1, 2)) for c in corners], 0),
+                               atol=1e-6)
+
+
+def test_the_checkerboard_takes_every_other_window_evenly_spread():
+    grid = lambda n, m: np.array([(y, x) for y in range(0, 10 * n, 10) for x in range(0, 7 * m, 7)])
+    assert tiling.checkerboard(grid(3, 3)).tolist() == [[0, 0], [0, 14], [10, 7], [20, 0], [20, 14]]
+    assert len(tiling.checkerboard(grid(4, 4))) == 8 and len(tiling.checkerboard(grid(1, 1))) == 1
+    assert tiling.checkerboard(grid(1, 5)).tolist() == [[0, 0], [0, 14], [0, 28]]
 
 
 def test_tiles_that_disagree_are_cross_faded_instead_of_meeting_at_a_seam():
@@ -91,9 +104,9 @@ def test_tiled_vae_coding_stays_close_to_whole_image_coding_without_seams():
     noise = jax.random.normal(jax.random.PRNGKey(3), (1, 32, 32, 4))
     x, xt = jax.jit(whole.decode)(params, noise), jax.jit(tiled.decode)(params, noise)
     assert xt.shape == x.shape == (1, 256, 256, 3)
-    assert rel(xt, x) <= 0.15                                     # measured 0.10
+    assert rel(xt, x) <= 0.15               # measured 0.11 (0.10 from all windows' statistics)
     # Shared statistics are closer to whole-image coding than each tile's own.
-    assert rel(xt, x) < 0.85 * rel(jax.jit(own_stats.decode)(params, noise), x)   # 0.10 vs 0.17
+    assert rel(xt, x) < 0.85 * rel(jax.jit(own_stats.decode)(params, noise), x)   # 0.11 vs 0.17
     # No seam: nowhere do neighbouring columns or rows differ much more than in the whole image.
     for axis in (1, 2):
         jump = lambda img, axis=axis: jnp.abs(jnp.diff(img, axis=axis)).mean(axis=(0, 3 - axis, 3))
