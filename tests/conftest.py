@@ -60,7 +60,6 @@ def tiny_workdir(tmp_path_factory):
     def train(path):
         from fmboost_jax.train.loop import train_and_evaluate
         c = support.tiny_pixel_config()
-        c.unet.update(channel_mult=(1,), attention_resolutions=())
         c.total_steps, c.eval_every, c.checkpoint_every = 2, 2, 2
         train_and_evaluate(c, path)
     return support.made_once(tmp_path_factory, "tiny_run", train)

@@ -35,10 +35,17 @@ def devices_env(devices: int, **extra: str) -> dict[str, str]:
     return dict(os.environ, XLA_FLAGS=flags.strip(), **extra)
 
 
+def flat_unet(c):
+    """`c` with a one-level UNet without attention (compiles fastest), for tests of what does
+    not depend on the UNet's depth; returns `c`."""
+    c.unet.update(channel_mult=(1,), attention_resolutions=())
+    return c
+
+
 def tiny_pixel_config():
     """A pixel-space 4x config small enough to train a few steps in seconds: one UNet level, no
     attention (the UNet's own tests cover its levels and attention)."""
-    c = tiny_config.get_config("flat")
+    c = tiny_config.get_config("flat")             # flat_unet's UNet
     c.data.num_eval_images = 4
     c.batch_size = 4
     return c

@@ -56,7 +56,6 @@ def reused(uses) -> list:
 def noised_cfm():
     """The paper's coupling with context dropout and sigma_min: every draw of the loss."""
     config = tiny_pixel_config()
-    config.unet.update(channel_mult=(1,), attention_resolutions=())
     config.coupling.update(noising_step=400, context_dropout=0.5)
     config.flow.sigma_min = 1e-3
     cfm = CFM.from_config(config)

@@ -13,7 +13,6 @@ from fmboost_jax.parallel import sharding
 
 def test_an_untrained_model_scores_exactly_as_bilinear_at_the_held_out_size():
     c = tiny_pixel_config()
-    c.unet.update(channel_mult=(1,), attention_resolutions=())
     cfm = CFM.from_config(c)                  # trained at 16 px; evaluated at 32 px
     images = photos.eval_crops(("coffee",), 32, 4)
     evaluator = Evaluator(cfm, c, images, sharding.make_mesh(c.mesh))

@@ -111,3 +111,19 @@ def test_tiled_vae_coding_stays_close_to_whole_image_coding_without_seams():
     for axis in (1, 2):
         jump = lambda img, axis=axis: jnp.abs(jnp.diff(img, axis=axis)).mean(axis=(0, 3 - axis, 3))
         assert float((jump(xt) / jump(x)).max()) <= 1.25                # measured 1.08
+
+
+@pytest.mark.parametrize("op", ["encode", "decode"])
+def test_tiled_vae_coding_measures_its_statistics_on_the_checkerboard(op, monkeypatch):
+    """Traced only (eval_shape): the statistics pass of both coders averages over the
+    checkerboard half of the windows."""
+    calls = []
+    real = tiling.tiled_mean
+    monkeypatch.setattr(tiling, "tiled_mean", lambda *a, **k: calls.append(k) or real(*a, **k))
+    cfg = ae.preset("sd", ch=32, num_res_blocks=1)
+    fs = AutoencoderFirstStage(cfg, checkpoint="random",
+                               tiling=tiling.TileOptions(128, 32, shared_stats=True))
+    params = jax.eval_shape(fs.init_params, jax.random.PRNGKey(0))
+    x = jax.ShapeDtypeStruct((1, 256, 256, 3) if op == "encode" else (1, 32, 32, 4), jnp.float32)
+    jax.eval_shape(getattr(fs, op), params, x)
+    assert calls == [{"every_other": True}]

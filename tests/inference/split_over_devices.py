@@ -25,7 +25,6 @@ from fmboost_jax.models import inception
 from fmboost_jax.parallel import sharding
 
 config = tiny_pixel_config()
-config.unet.update(channel_mult=(1,), attention_resolutions=())   # compiles fastest
 cfm = CFM.from_config(config)
 params = jax.tree.map(lambda p: p + 0.01, cfm.init_params(jax.random.PRNGKey(0)))   # v != 0
 lowres = np.random.default_rng(0).uniform(-1, 1, (3, 4, 4, 3)).astype(np.float32)
@@ -58,7 +57,6 @@ print("INCEPTION", features.batch, len(features.split.device_set),
 # The training evaluator on 5 held-out images, which 8 devices do not divide: padded to 8, one
 # row per device, and the same scores as on one device.
 config = tiny_pixel_config()
-config.unet.update(channel_mult=(1,), attention_resolutions=())
 config.eval_batch_size = 16
 cfm = CFM.from_config(config)
 held_out = np.random.default_rng(2).uniform(-1, 1, (5, 16, 16, 3)).astype(np.float32)

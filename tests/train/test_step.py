@@ -16,7 +16,6 @@ def test_the_ema_folds_in_the_params_before_or_after_the_update(tiny_config, bef
     """Two compiled steps with the EMA averaging from the first one (update_after_step 0): the
     first copies, the second averages with decay 1 - 2^-0.75, of the params before the update
     (the reference) or after it."""
-    tiny_config.unet.update(channel_mult=(1,), attention_resolutions=())
     tiny_config.ema.update(update_after_step=0, before_update=before_update, power=0.75)
     cfm = CFM.from_config(tiny_config)
     tx = make_optimizer(tiny_config.optim)
@@ -49,7 +48,6 @@ def test_uint8_images_are_converted_on_the_device_bitwise_as_on_the_host(tiny_co
     they are bitwise the host's float32 pixels, and the step trains as on those (to the
     rounding of another fusion of the same program)."""
     from fmboost_jax.data.images import to_float
-    tiny_config.unet.update(channel_mult=(1,), attention_resolutions=())
     cfm = CFM.from_config(tiny_config)
     tx = make_optimizer(tiny_config.optim)
     state = create_train_state(cfm.init_params(jax.random.PRNGKey(0)), tx, jax.random.PRNGKey(1))
