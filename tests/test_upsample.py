@@ -23,7 +23,7 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     (root / "sub").mkdir()
     Image.fromarray(skimage.data.astronaut()[100:116, 180:196]).save(root / "astronaut.png")
-    Image.fromarray(skimage.data.coffee()[50:58, 60:72]).save(root / "sub" / "coffee.jpg")
+    Image.fromarray(skimage.data.coffee()[50:56, 60:72]).save(root / "sub" / "coffee.jpg")
     Image.fromarray(skimage.data.camera()[:16, :16]).save(root / "camera.png")
     (root / "broken.png").write_bytes(b"not a png")
     (root / "notes.txt").write_text("not an image")
@@ -74,7 +74,7 @@ def test_a_folder_skips_the_corrupt_file_counts_it_and_a_rerun_resumes(tiny_work
     printed = capsys.readouterr()
     assert "3 written, 0 already there, 1 skipped" in printed.out
     assert "broken.png" in printed.err
-    assert Image.open(out / "sub" / "coffee.png").size == (48, 32)      # 12x8 -> 48x32
+    assert Image.open(out / "sub" / "coffee.png").size == (48, 24)      # 12x6 -> 48x24
     assert Image.open(out / "sub" / "coffee.png").mode == "RGB"
     assert Image.open(out / "camera.png").mode == "L"                   # grayscale in and out
     os.remove(out / "camera.png")
@@ -110,17 +110,17 @@ def test_bad_arguments_end_in_one_line_with_status_2(tiny_workdir, inputs, tmp_p
 
 def test_converted_params_with_a_config_boost_and_unsuitable_sizes_are_named(
         smoke_params, inputs, tmp_path, capsys):
-    # a tiny random VAE, 2x, output sizes in multiples of 16 px
+    # a tiny random VAE, 2x, output sizes in multiples of 8 px
     args = ["--model", smoke_params, "--config", "lhq:smoke", "--num_steps", "1"]
     assert upsample.main([*args, "--input", str(inputs / "astronaut.png"),   # 16 -> 32 px
                           "--output", str(tmp_path / "a.png")]) == 0
     assert Image.open(tmp_path / "a.png").size == (32, 32)
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:                              # 12x8 -> 24x16
+    with pytest.raises(SystemExit) as exit_info:                              # 12x6 -> 24x12
         upsample.main([*args, "--input", str(inputs / "sub" / "coffee.jpg"),
                        "--output", str(tmp_path / "c.png")])
     assert exit_info.value.code == 2
-    assert "output size 16x24 px is not a multiple of 16" in capsys.readouterr().err
+    assert "output size 12x24 px is not a multiple of 8" in capsys.readouterr().err
     assert not (tmp_path / "c.png").exists()
 
 

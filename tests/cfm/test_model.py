@@ -102,12 +102,12 @@ def test_precomputed_latents_give_the_pairs_encoding_on_the_fly_gives(images):
 
 
 def test_latent_sizes_follow_the_input_and_unsuitable_sizes_are_named():
-    cfm = CFM.from_config(config("lhq:smoke"))        # VAE factor 8, UNet down-sampling 2
-    assert cfm.upscale == 2 and cfm.size_multiple == 16
+    cfm = CFM.from_config(config("lhq:smoke"))        # VAE factor 8, UNet down-sampling 1
+    assert cfm.upscale == 2 and cfm.size_multiple == 8
     assert cfm.latent_size((64, 64)) == (8, 8)
     assert cfm.latent_size((96, 128)) == (12, 16)
-    with pytest.raises(ValueError, match=r"output size 72x72 px is not a multiple of 16"):
-        cfm.latent_size((72, 72))
+    with pytest.raises(ValueError, match=r"output size 68x68 px is not a multiple of 8"):
+        cfm.latent_size((68, 68))
 
 
 def test_the_regression_baseline_predicts_x1_in_one_pass_with_the_same_unet(images):
