@@ -1,5 +1,5 @@
-"""Tests of fmboost_jax/checkpoints/store.py: a run killed at six random moments resumes
-bitwise equal, a run saved on 4 devices with FSDP resumes on 2, and the retention policy."""
+"""Tests of fmboost_jax/checkpoints/store.py: a run stopped by SIGTERM and killed at six random
+moments resumes bitwise equal, a run saved on 4 devices with FSDP resumes on 2, and the retention policy."""
 
 import os
 import random
@@ -9,7 +9,16 @@ import time
 import jax
 import numpy as np
 import pytest
-from training_runs import EVERY_STEP, FINAL_ONLY, TOTAL, finish, max_diff, start, steps
+from training_runs import (
+    EVERY_STEP,
+    FINAL_ONLY,
+    TOTAL,
+    finish,
+    max_diff,
+    start,
+    steps,
+    wait_for_checkpoint,
+)
 
 from fmboost_jax.checkpoints.store import restore_params
 
@@ -27,15 +36,25 @@ def read_until(proc, marker: str, timeout: float = 120) -> bool:
 
 
 @pytest.mark.slow
-def test_a_run_killed_at_six_random_moments_resumes_and_ends_bitwise_equal(reference, tmp_path):
-    """SIGKILL (no clean-up) at seeded random moments: three attempts during start-up (imports,
-    compilation, restoring), three during training, where a checkpoint is saved asynchronously
-    every step, so those kills land mid-save."""
+def test_a_run_stopped_by_sigterm_and_killed_at_six_random_moments_ends_bitwise_equal(
+        reference, tmp_path):
+    """First a SIGTERM (fmboost_jax/train/preemption.py, one process): the run saves at the next
+    step boundary and exits 0 before its end. Then SIGKILL (no clean-up) at seeded random
+    moments: three attempts during start-up (imports, compilation, restoring), three during
+    training, where a checkpoint is saved asynchronously every step, so those kills land
+    mid-save."""
     rng = random.Random(0)
     workdir = tmp_path / "soak"
-    progress = []                            # the latest complete step after each attempt
+    proc = start(workdir)
+    wait_for_checkpoint(proc, workdir, 2)
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc)
+    assert proc.returncode == 0 and "Preemption notice: saved step" in out, out[-3000:]
+    progress = [steps(workdir)[-1]]          # the latest complete step after each attempt
+    assert progress[0] < TOTAL, "the run finished before the signal arrived"
+    assert not os.path.exists(workdir / "eval.json")       # stopped early: no final evaluation
     for attempt in range(KILLS):
-        done = progress[-1] if progress else 0
+        done = progress[-1]
         proc = start(workdir, EVERY_STEP)
         if attempt % 2 and done < TOTAL - 2:            # every other one: just after a step's log
             read_until(proc, f"step {done + 1}/")
@@ -48,7 +67,7 @@ def test_a_run_killed_at_six_random_moments_resumes_and_ends_bitwise_equal(refer
         progress.append(steps(workdir)[-1] if steps(workdir) else 0)
         if progress[-1] == TOTAL:
             break
-    assert len(progress) == KILLS, progress                        # all kills before the end
+    assert len(progress) == KILLS + 1, progress                    # all kills before the end
     out = finish(start(workdir, EVERY_STEP))      # resumes from the latest complete step
     assert steps(workdir)[-1] == TOTAL, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
