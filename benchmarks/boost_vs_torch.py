@@ -16,12 +16,12 @@ filled so that the flow moves). PyTorch side: diffusers' `AutoencoderKL` for the
 steps. fmboost_jax side: `Upsampler`, and its parts jitted alone. Both sides get the same
 weights, the same photo and the same source noise (noising step 400).
 
-Each side runs in its own warm process (the first repetition, which compiles, is not counted);
-the parent asks them in turn, A B A B ..., for one repetition: the PSU encode, one network
-evaluation, the decode and the whole boost at each `--nfe`. Prints per part the medians and the
-median and spread of the per-repetition ratios, the largest difference between the two boosts'
-images, the machine, and last `boost: fmboost_jax / PyTorch = X (spread a–b)` (the whole boost at
-the largest size and NFE).
+Each side runs in its own warm process (the first repetition, which compiles or reads the programs
+back from `fmboost_jax.compile_cache`, is not counted); the parent asks them in turn, A B A B ...,
+for one repetition: the PSU encode, one network evaluation, the decode and the whole boost at each
+`--nfe`. Prints per part the medians and the median and spread of the per-repetition ratios, the
+largest difference between the two boosts' images, the machine, and last
+`boost: fmboost_jax / PyTorch = X (spread a–b)` (the whole boost at the largest size and NFE).
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ SIDES = ("fmboost_jax", "PyTorch")
 def load(name: str, smoke: bool) -> Any:
     """The benchmarked config in float32: `lhq` (the released one, random VAE weights), `demo`
     (pixels, no VAE) or with `smoke` their tiny forms."""
+    from fmboost_jax import compile_cache
     from fmboost_jax.config import load_config
+    compile_cache.enable()                  # a rerun reads the programs back
     c = load_config(name + (":smoke" if smoke else ""))
     c.dtype = "float32"
     if not pixels(c):
@@ -91,7 +93,7 @@ def prepare(folder: Path, name: str, smoke: bool, sizes: tuple[int, ...], seed: 
     from fmboost_jax.first_stage import autoencoder_config
     c = load(name, smoke)
     cfm = CFM.from_config(c)
-    params = fill_zeros(jax.jit(cfm.init_params)(jax.random.PRNGKey(seed)), seed)
+    params = fill_zeros(cfm.init_params(jax.random.PRNGKey(seed)), seed)
     fs_params = {}
     if not pixels(c):
         vc = autoencoder_config(c)
@@ -113,12 +115,12 @@ def prepare(folder: Path, name: str, smoke: bool, sizes: tuple[int, ...], seed: 
 
 def fill_zeros(params: Any, seed: int) -> Any:
     """The UNet's all-zero leaves (its zero-initialised output layers, the biases) drawn from
-    N(0, 0.02²), so that a random network's velocity is not zero."""
+    N(0, 0.02²), so that a random network's velocity is not zero (drawn by NumPy on the host:
+    one jitted draw per leaf shape would compile dozens of programs)."""
     import jax
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    return tree.unflatten([0.02 * jax.random.normal(k, p.shape, p.dtype) if not p.any() else p
-                           for k, p in zip(keys, leaves)])
+    rng = np.random.default_rng(seed + 1)
+    fill = lambda p: (0.02 * rng.standard_normal(p.shape)).astype(p.dtype) if not p.any() else p
+    return jax.tree.map(fill, jax.device_get(params))
 
 
 def source_noise(cfm: Any, size: int, seed: int) -> np.ndarray:
