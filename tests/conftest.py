@@ -10,9 +10,12 @@ sys.path.insert(0, TESTS)
 
 # The tests compile hundreds of small programs, most run once: XLA's CPU backend compiles them
 # without LLVM's optimisation passes (about 40% less compile time; results agree to float32
-# rounding). Set before JAX starts its backend, and inherited by the tests' subprocesses.
+# rounding). Set before JAX starts its backend, and inherited by the tests' subprocesses. Added
+# once: the workers inherit the controller's variable, and JAX's compilation cache keys hold
+# every flag, repeats included, so a repeat would split the cache between processes.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", "").split():
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 # The tests run on the CPU: libtpu (installed to compile TPU programs ahead of time in the plan's
 # tests) would otherwise make JAX look for a TPU first.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -30,9 +30,14 @@ def made_once(tmp_path_factory, name: str, make: Callable[[str], None]) -> str:
 
 def devices_env(devices: int, **extra: str) -> dict[str, str]:
     """The environment of a subprocess that sees `devices` fake CPU devices, with the tests' own
-    XLA flags (conftest) kept."""
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-    return dict(os.environ, XLA_FLAGS=flags.strip(), **extra)
+    XLA flags (conftest) kept. One device is the CPU's default and adds no flag, so that the
+    subprocess shares the compilation cache's keys (which hold every XLA flag) with the tests'
+    own processes."""
+    count = "--xla_force_host_platform_device_count"
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count + "=")]
+    if devices != 1:
+        flags.append(f"{count}={devices}")
+    return dict(os.environ, XLA_FLAGS=" ".join(flags), **extra)
 
 
 def flat_unet(c):
