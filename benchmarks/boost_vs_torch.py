@@ -50,9 +50,7 @@ SIDES = ("fmboost_jax", "PyTorch")
 def load(name: str, smoke: bool) -> Any:
     """The benchmarked config in float32: `lhq` (the released one, random VAE weights), `demo`
     (pixels, no VAE) or with `smoke` their tiny forms."""
-    from fmboost_jax import compile_cache
     from fmboost_jax.config import load_config
-    compile_cache.enable()                  # a rerun reads the programs back
     c = load_config(name + (":smoke" if smoke else ""))
     c.dtype = "float32"
     if not pixels(c):
@@ -309,6 +307,8 @@ def main() -> None:
     ap.add_argument("--serve", choices=SIDES, help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from fmboost_jax import compile_cache
+    compile_cache.enable()                  # a rerun reads the programs back
     if args.serve:
         return serve(args.serve, args.folder, args.config, args.smoke, args.nfe)
     sizes = (64,) if args.smoke else args.sizes

@@ -1,5 +1,6 @@
 """Tests of fmboost_jax/checkpoints/store.py: a run stopped by SIGTERM and killed at six random
-moments resumes bitwise equal, a run saved on 4 devices with FSDP resumes on 2, and the retention policy."""
+moments resumes bitwise equal, a run saved on 4 devices with FSDP resumes on 2, and the
+retention policy."""
 
 import os
 import random
